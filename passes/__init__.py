@@ -1,1 +1,56 @@
-"""edgeopt.passes."""
+"""Passes over the IR: the infrastructure and the built-in passes.
+
+A pass is a function ``fn(model, ctx[, opts]) -> PassResult`` registered by name::
+
+    from edgeopt.passes import Context, PassResult, register_pass
+
+    @register_pass("fold-identity")
+    def fold_identity(model, ctx):
+        \"\"\"Bypass Identity nodes.\"\"\"
+        ...
+        return PassResult(modified=True, stats={"identity_removed": 1})
+
+Pipelines are run by :class:`PassManager` (``"prune:0.6,dce"`` spec strings).
+"""
+
+from __future__ import annotations
+
+from ._base import Context, OptionError, PassError, PassResult
+from ._manager import (
+    Instrument,
+    ModelStats,
+    PassManager,
+    PipelineReport,
+    StepReport,
+    model_stats,
+    run_pipeline,
+)
+from ._pipeline import Step, format_pipeline, parse_pipeline, resolve
+from ._registry import PassSpec, get_pass, list_passes, plugins, register_pass, unregister_pass
+
+# Built-in passes register themselves on import.
+from . import dce as _dce  # noqa: E402,F401
+
+__all__ = [
+    "Context",
+    "Instrument",
+    "ModelStats",
+    "OptionError",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "PassSpec",
+    "PipelineReport",
+    "Step",
+    "StepReport",
+    "format_pipeline",
+    "get_pass",
+    "list_passes",
+    "model_stats",
+    "parse_pipeline",
+    "plugins",
+    "register_pass",
+    "resolve",
+    "run_pipeline",
+    "unregister_pass",
+]

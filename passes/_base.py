@@ -1,0 +1,99 @@
+"""What a pass is: a function over the IR with typed options and a :class:`PassResult`.
+
+Passes work in place. A pass is any callable ``fn(model, ctx[, opts]) -> PassResult``
+registered by name with :func:`~edgeopt.passes.register_pass`. Analyses that several passes
+share are classes built as ``A(model, ctx, **params)`` and requested through
+:meth:`Context.analysis`, which caches them until a pass modifies the model without
+preserving them (MLIR's preserved-analyses scheme).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from edgeopt.ir import EdgeoptError
+
+if TYPE_CHECKING:
+    from edgeopt.ir import Model
+
+__all__ = ["Context", "OptionError", "PassError", "PassResult", "Preserved"]
+
+Preserved = frozenset[type] | Literal["all"]
+A = TypeVar("A")
+
+
+class PassError(EdgeoptError):
+    """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class OptionError(EdgeoptError):
+    """A pipeline spec or pass option is invalid; the message lists the valid choices."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass reports.
+
+    Attributes:
+        modified: whether the pass changed the model. ``False`` implies everything is
+            preserved, and the pass manager checks that the model really did not change.
+        stats: public counters (``{"nodes_removed": 3}``), aggregated in the pipeline report.
+        preserved: analysis classes still valid after the pass, or ``"all"``.
+    """
+
+    modified: bool
+    stats: dict[str, int | float] = field(default_factory=dict)
+    preserved: Preserved = frozenset()
+
+
+class Context:
+    """State shared by the passes of one pipeline run.
+
+    Args:
+        calib: calibration data (a :class:`~edgeopt.passes.calib.CalibrationData`), or None.
+        progress: called as ``progress(description, done, total)`` by long-running work.
+        options: free-form settings for passes (e.g. ``{"measure": True}``).
+    """
+
+    def __init__(self, calib: Any = None,
+                 progress: Callable[[str, int, int], None] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        self.calib = calib
+        self.progress = progress or (lambda desc, done, total: None)
+        self.options = dict(options or {})
+        self.log = logging.getLogger("edgeopt.passes")
+        self._analyses: dict[tuple[type, tuple], Any] = {}
+        self._model: Model | None = None
+
+    def bind(self, model: Model) -> None:
+        """Attach the model that analyses are computed on (drops caches of another model)."""
+        if model is not self._model:
+            self._analyses.clear()
+            self._model = model
+
+    def analysis(self, cls: type[A], **params: Any) -> A:
+        """The analysis ``cls`` with ``params`` on the bound model, computed once and cached.
+
+        Raises:
+            PassError: no model is bound (call :meth:`bind` or run through a PassManager).
+        """
+        if self._model is None:
+            raise PassError("Context.analysis() needs a model: run passes through a PassManager")
+        key = (cls, tuple(sorted(params.items())))
+        if key not in self._analyses:
+            self._analyses[key] = cls(self._model, self, **params)
+        return self._analyses[key]
+
+    def cached(self) -> list[type]:
+        """Analysis classes currently cached (for tests and reports)."""
+        return [cls for cls, _ in self._analyses]
+
+    def invalidate(self, preserved: Preserved | Iterable[type] = frozenset()) -> None:
+        """Drop every cached analysis whose class is not in ``preserved``."""
+        if preserved == "all":
+            return
+        keep = set(preserved)
+        self._analyses = {k: v for k, v in self._analyses.items() if k[0] in keep}
