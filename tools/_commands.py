@@ -1,0 +1,300 @@
+"""The ``edgeopt`` sub-commands (argument parsing lives in :mod:`.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from edgeopt import ir
+from edgeopt.ir import EdgeoptError
+from edgeopt.passes import Context, PassManager, list_passes, parse_pipeline, plugins, resolve
+from edgeopt.passes._options import describe_type
+from edgeopt.passes.analyses.costs import bind_batch, layer_costs
+
+from ._console import Console, format_table, human_bytes
+from ._files import output_path, write_text_atomic
+from .cli import print_json
+
+__all__ = ["cmd_compare", "cmd_demo", "cmd_info", "cmd_optimize", "cmd_passes"]
+
+#: The headline pipeline of `edgeopt demo`; it grows as passes land (prune, quant, C output).
+DEMO_PIPELINE = "simplify"
+
+
+class _Announce:
+    """Instrument that tells the user which pass is running."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def before_pass(self, name: str, model: ir.Model) -> None:
+        self.console.info(f"running {name} ...")
+
+
+def _load_calib(args: argparse.Namespace, model: ir.Model) -> Any:
+    if not args.calib:
+        return None
+    try:
+        from edgeopt.passes.calib import load_calibration
+    except ImportError:  # pragma: no cover - until calibration support lands
+        raise EdgeoptError("--calib is not supported by this version of edgeopt") from None
+    return load_calibration(args.calib, model, preprocess=args.preprocess,
+                            num_samples=args.calib_samples)
+
+
+def _verify_input(model: ir.Model, path: str) -> None:
+    """Reject an invalid input up front, so later errors can be blamed on the right pass."""
+    try:
+        ir.verify(model)
+    except ir.VerificationError as e:
+        raise EdgeoptError(f"{path}: the input model is invalid: {e}") from None
+
+
+def _external(choice: str) -> bool | None:
+    return {"auto": None, "yes": True, "no": False}[choice]
+
+
+def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
+    """Run a pipeline on a model and write the result."""
+    passes = resolve(parse_pipeline(args.pipeline))  # bad specs fail before any work
+    out = output_path(args.model, args.output)
+    model = ir.load(args.model)
+    _verify_input(model, args.model)
+    ctx = Context(calib=_load_calib(args, model), progress=console.progress)
+    manager = PassManager(passes, verify="each" if args.verify_each else "end",
+                          instruments=[_Announce(console)])
+    report = manager.run(model, ctx)
+    ir.save(model, out, external_data=_external(args.external_data))
+    if args.report:
+        write_text_atomic(args.report, report.to_json() + "\n")
+    if args.json:
+        print_json({**report.to_dict(), "input": args.model, "output": out})
+    else:
+        print(report.table())
+        before, after = os.path.getsize(args.model), os.path.getsize(out)
+        print(f"wrote {out} ({human_bytes(before)} -> {human_bytes(after)})")
+    return 0
+
+
+def _type_str(v: ir.Value) -> str:
+    dtype = v.dtype.name.lower() if v.dtype is not None else "?"
+    return f"{dtype}{ir.format_shape(v.shape)}"
+
+
+def model_info(model: ir.Model) -> dict[str, Any]:
+    """Everything ``edgeopt info`` reports, as plain data."""
+    graph = model.graph
+    by_dtype: Counter[str] = Counter()
+    params = 0
+    for g in [graph, *graph.subgraphs()]:
+        for v in g.initializers.values():
+            by_dtype[v.const_value.dtype.name.lower()] += v.const_value.nbytes
+            params += v.const_value.size
+    try:
+        costs = layer_costs(bind_batch(model, 1))
+        macs_note = "batch 1; symbolic dims bound to 1"
+    except EdgeoptError as e:
+        costs, macs_note = [], f"unavailable: {e}"
+    ops = Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type
+                  for n in model.walk())
+    return {
+        "ir_version": model.ir_version,
+        "opsets": dict(model.opset_imports),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [{"name": v.name, "type": _type_str(v)} for v in graph.inputs
+                   if not v.is_initializer()],
+        "outputs": [{"name": v.name, "type": _type_str(v)} for v in graph.outputs],
+        "nodes": sum(ops.values()),
+        "ops": dict(ops.most_common()),
+        "params": params,
+        "weight_bytes": dict(by_dtype),
+        "macs": sum(c.macs for c in costs),
+        "macs_note": macs_note,
+        "layers": [dataclasses.asdict(c) for c in costs],
+    }
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    """Print a summary of a model."""
+    info = model_info(ir.load(args.model))
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"{args.model}: IR {info['ir_version']}, opsets "
+          + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in info["opsets"].items())
+          + (f", producer {info['producer']}" if info["producer"] else ""))
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            print(f"  {kind[:-1]:6}  {v['name']}: {v['type']}")
+    print(f"nodes: {info['nodes']}  ("
+          + ", ".join(f"{op} {n}" for op, n in info["ops"].items()) + ")")
+    total = sum(info["weight_bytes"].values())
+    print(f"parameters: {info['params']:,}  weights: {human_bytes(total)} ("
+          + ", ".join(f"{d} {human_bytes(b)}" for d, b in info["weight_bytes"].items()) + ")")
+    print(f"MACs: {info['macs']:,} ({info['macs_note']})")
+    if args.layers and info["layers"]:
+        rows = [(c["node"], c["op_type"], ir.format_shape(c["output_shape"]), f"{c['params']:,}",
+                 f"{c['macs']:,}") for c in info["layers"]]
+        print(format_table(rows, ("layer", "op", "output", "params", "MACs"), right=(3, 4)))
+    return 0
+
+
+def _pass_info(spec: Any) -> dict[str, Any]:
+    options = []
+    if spec.options is not None:
+        import typing
+
+        hints = typing.get_type_hints(spec.options)
+        for f in dataclasses.fields(spec.options):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            options.append({"name": f.name, "type": describe_type(hints[f.name]),
+                            "default": default, "primary": f.name == spec.primary})
+    return {"name": spec.name, "doc": spec.doc, "options": options,
+            "provider": spec.provider or "edgeopt"}
+
+
+def cmd_passes(args: argparse.Namespace, console: Console) -> int:
+    """List the available passes (and with --plugins, who provided them)."""
+    if args.plugins:
+        found = plugins()
+        if args.json:
+            print_json(found)
+        elif not found:
+            print("no pass plugins installed (entry-point group 'edgeopt.passes')")
+        for dist, names in found.items():
+            print(f"{dist}: {', '.join(names)}")
+        return 0
+    passes = [_pass_info(s) for s in list_passes()]
+    if args.json:
+        print_json(passes)
+        return 0
+    for p in passes:
+        origin = "" if p["provider"] == "edgeopt" else f"  [{p['provider']}]"
+        print(f"{p['name']}{origin}\n    {p['doc']}")
+        for o in p["options"]:
+            mark = f" (as {p['name']}:VALUE)" if o["primary"] else ""
+            print(f"    {o['name']}={o['type']}  default {o['default']!r}{mark}")
+    return 0
+
+
+def _session(path: str, threads: int = 2) -> Any:
+    import onnxruntime as ort
+
+    ir.load(path)  # the safety checks run before ONNX Runtime parses the file
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise EdgeoptError(f"{path}: ONNX Runtime cannot load it: "
+                           f"{str(e).splitlines()[0]}") from None
+
+
+def _inputs_for(args: argparse.Namespace, model: ir.Model, console: Console) -> dict:
+    if args.calib:
+        calib = _load_calib(args, model)
+        return {k: v for k, v in next(iter(calib.batches(calib.num_samples))).items()}
+    console.info("warning: no --calib given; comparing on 8 seeded random inputs")
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for v in model.graph.inputs:
+        if v.is_initializer():
+            continue
+        if v.shape is None or v.dtype is None:
+            raise EdgeoptError(f"input {v.name!r} has no static type; pass --calib")
+        shape = [8] + [d if isinstance(d, int) else 1 for d in v.shape[1:]]
+        feeds[v.name] = rng.standard_normal(shape).astype(v.dtype.numpy())
+    return feeds
+
+
+def _median_ms(sess: Any, feeds: dict, runs: int) -> float:
+    one = {k: v[:1] for k, v in feeds.items()}
+    sess.run(None, one)
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        sess.run(None, one)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def compare_outputs(ya: list[np.ndarray], yb: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Per-output max abs error, cosine similarity and (for [N, C] outputs) top-1 agreement."""
+    rows = []
+    for i, (a, b) in enumerate(zip(ya, yb)):
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+        row = {"output": i, "max_abs_error": float(np.max(np.abs(a64 - b64))) if a.size else 0.0,
+               "cosine": float(a64 @ b64 / denom) if denom else float(np.array_equal(a64, b64))}
+        if a.ndim == 2 and a.shape[1] > 1:
+            row["top1_agreement"] = float(np.mean(a.argmax(1) == b.argmax(1)))
+        rows.append(row)
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    """Compare two models' outputs and latency on the same inputs."""
+    model_a, model_b = ir.load(args.a), ir.load(args.b)
+    names_a = [v.name for v in model_a.graph.inputs if not v.is_initializer()]
+    names_b = [v.name for v in model_b.graph.inputs if not v.is_initializer()]
+    if names_a != names_b:
+        raise EdgeoptError(f"the models have different inputs: {names_a} vs {names_b}")
+    feeds = _inputs_for(args, model_a, console)
+    sa, sb = _session(args.a), _session(args.b)
+    rows = compare_outputs(sa.run(None, feeds), sb.run(None, feeds))
+    ms_a, ms_b = _median_ms(sa, feeds, args.runs), _median_ms(sb, feeds, args.runs)
+    result = {"outputs": rows, "latency_ms": {"a": ms_a, "b": ms_b},
+              "latency_ratio_b_over_a": ms_b / ms_a if ms_a else None}
+    if args.json:
+        print_json(result)
+        return 0
+    table = [(r["output"], f"{r['max_abs_error']:.3g}", f"{r['cosine']:.6f}",
+              f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else "-") for r in rows]
+    print(format_table(table, ("output", "max |a-b|", "cosine", "top-1 agree")))
+    print(f"latency (batch 1, median of {args.runs}): A {ms_a:.3f} ms, B {ms_b:.3f} ms, "
+          f"B/A {ms_b / ms_a:.2f}")
+    return 0
+
+
+def _demo_files() -> tuple[str, str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.join(here, "..", "examples"), os.path.join(os.getcwd(), "examples")):
+        model = os.path.join(root, "digits", "cnn.onnx")
+        data = os.path.join(root, "digits", "digits_16x16.npz")
+        if os.path.isfile(model) and os.path.isfile(data):
+            return os.path.normpath(model), os.path.normpath(data)
+    raise EdgeoptError("the bundled example (examples/digits/cnn.onnx) was not found; run "
+                       "'edgeopt demo' from a checkout of edgeopt")
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    """Optimize the bundled digits CNN, then check its accuracy in ONNX Runtime."""
+    model_path, data_path = _demo_files()
+    with np.load(data_path, allow_pickle=False) as data:
+        test_x, test_y = data["test_x"], data["test_y"]
+    os.makedirs(args.output, exist_ok=True)
+    out = output_path(model_path, args.output + os.sep)
+    console.info(f"edgeopt demo: {model_path} -p {DEMO_PIPELINE} -> {out}")
+    model = ir.load(model_path)
+    report = PassManager(DEMO_PIPELINE, instruments=[_Announce(console)]).run(model, Context())
+    ir.save(model, out)
+    acc = {}
+    for label, path in (("original", model_path), ("optimized", out)):
+        logits = _session(path).run(None, {"input": test_x})[0]
+        acc[label] = float(np.mean(logits.argmax(1) == test_y))
+    if args.json:
+        print_json({**report.to_dict(), "output": out, "accuracy": acc})
+        return 0
+    print(report.table())
+    print(f"test accuracy: original {acc['original']:.4f}, optimized {acc['optimized']:.4f} "
+          f"({len(test_y)} images)")
+    print(f"wrote {out}")
+    return 0
