@@ -5,12 +5,16 @@ The public Python API::
     import edgeopt
     model = edgeopt.load("model.onnx")      # safe for untrusted files; external data mmapped
     edgeopt.verify(model)                   # IR invariants + ONNX schema checks
+    report = edgeopt.optimize(model, "simplify,dce")   # runs passes in place
+    print(report.table())
     edgeopt.save(model, "out/model.onnx")   # atomic; never overwrites the input
 
-The IR itself is :mod:`edgeopt.ir`.
+The IR itself is :mod:`edgeopt.ir`; passes and the pass manager are :mod:`edgeopt.passes`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from edgeopt import ir
 from edgeopt.ir import (
@@ -26,6 +30,38 @@ from edgeopt.ir import (
 
 __version__ = "0.1.0"
 
+
+def optimize(model: ir.Model, spec: str, calib: Any = None, *, verify: str = "end",
+             copy: bool = False, progress: Any = None) -> Any:
+    """Run a pipeline of passes on a model.
+
+    Args:
+        model: the model; changed in place unless ``copy`` is set.
+        spec: a pipeline spec such as ``"simplify,dce"`` (or ``"@pipeline.toml"``).
+        calib: calibration data: a :class:`~edgeopt.passes.calib.CalibrationData`, or a
+            path/``"random"`` that is loaded against the model's inputs.
+        verify: ``"each"``, ``"end"`` (default) or ``"none"``.
+        copy: work on ``model.clone()`` and leave ``model`` untouched (the optimized
+            model is then ``report.model``).
+        progress: ``progress(description, done, total)`` callback for long work.
+
+    Returns:
+        The :class:`~edgeopt.passes.PipelineReport`; ``report.model`` is the optimized model.
+
+    Raises:
+        EdgeoptError: a bad spec (``OptionError``) or a failing pass (``PassError``).
+    """
+    from edgeopt.passes import Context, PassManager
+
+    target = model.clone() if copy else model
+    if isinstance(calib, str):
+        from edgeopt.passes.calib import load_calibration
+
+        calib = load_calibration(calib, target)
+    report = PassManager(spec, verify=verify).run(target, Context(calib=calib, progress=progress))
+    report.model = target
+    return report
+
 __all__ = [
     "EdgeoptError",
     "ModelLoadError",
@@ -34,6 +70,7 @@ __all__ = [
     "infer_shapes",
     "ir",
     "load",
+    "optimize",
     "save",
     "static_shapes",
     "verify",

@@ -69,6 +69,8 @@ class PipelineReport:
     before: ModelStats | None = None
     after: ModelStats | None = None
     seconds: float = 0.0
+    #: The model the pipeline ran on (set by ``edgeopt.optimize``; not serialized).
+    model: Model | None = field(default=None, repr=False, compare=False)
 
     @property
     def modified(self) -> bool:
@@ -82,6 +84,7 @@ class PipelineReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for ``--report report.json``)."""
         return {"pipeline": self.pipeline, "seconds": round(self.seconds, 6),
+                "modified": self.modified,
                 "before": asdict(self.before) if self.before else None,
                 "after": asdict(self.after) if self.after else None,
                 "steps": [{**asdict(s), "seconds": round(s.seconds, 6)} for s in self.steps]}

@@ -255,3 +255,13 @@ def test_get_pass_returns_callable_spec():
     model = parse_model(MODEL)
     result = spec(model, Context())
     assert result.modified and spec.doc.startswith("Remove unused nodes")
+
+
+def test_public_optimize_api():
+    import edgeopt
+
+    model = parse_model(MODEL)
+    report = edgeopt.optimize(model, "dce", copy=True)
+    assert report.model is not model and len(model.graph) == 3 and len(report.model.graph) == 1
+    report = edgeopt.optimize(model, "dce", verify="each")
+    assert report.model is model and len(model.graph) == 1 and report.to_dict()["modified"]
