@@ -25,6 +25,17 @@ Preserved = frozenset[type] | Literal["all"]
 A = TypeVar("A")
 
 
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for an analysis parameter (lists and sets become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
 class PassError(EdgeoptError):
     """A pass failed; the message names the pass and the passes that ran before it."""
 
@@ -82,7 +93,7 @@ class Context:
         """
         if self._model is None:
             raise PassError("Context.analysis() needs a model: run passes through a PassManager")
-        key = (cls, tuple(sorted(params.items())))
+        key = (cls, tuple(sorted((k, _freeze(v)) for k, v in params.items())))
         if key not in self._analyses:
             self._analyses[key] = cls(self._model, self, **params)
         return self._analyses[key]

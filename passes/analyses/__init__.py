@@ -1,0 +1,12 @@
+"""Analyses shared by several passes, requested with ``ctx.analysis(cls, **params)``.
+
+Each analysis is a class built as ``cls(model, ctx, **params)``; the pass manager caches it
+per (class, params) until a pass modifies the model without preserving it. Parameters must be
+hashable (pass tuples, not lists).
+"""
+
+from __future__ import annotations
+
+from .activations import Activations, ValueStats
+
+__all__ = ["Activations", "ValueStats"]

@@ -1,0 +1,400 @@
+"""The Activations analysis: statistics checked against direct numpy computations."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import onnx
+import pytest
+from conftest import parse_model
+from edgeopt import ir
+from edgeopt.ir import EdgeoptError
+from edgeopt.passes import Context, PassManager, PassResult, register_pass, unregister_pass
+from edgeopt.passes.analyses import Activations, ValueStats
+from edgeopt.passes.analyses.activations import _GrowingHistogram
+from edgeopt.passes.calib import CalibrationData, CalibrationError, load_calibration
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+SAMPLES = 10
+#: Bytes per sample of the Conv, Relu and Flatten outputs (4 x 8 x 8 float32).
+BIG = 4 * 8 * 8 * 4
+
+
+def conv_relu_gemm() -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(4, 3x3, pad 1) -> Relu -> Flatten -> Gemm(5); no value_info."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "B"),
+             numpy_helper.from_array(rng.standard_normal((256, 5)).astype(np.float32) / 8, "G")]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "G"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def calib_x(n: int = SAMPLES) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
+def reference(proto: onnx.ModelProto, x: np.ndarray, names) -> dict[str, np.ndarray]:
+    """Intermediate values from onnx's reference evaluator."""
+    return dict(zip(names, ReferenceEvaluator(proto).run(list(names), {"x": x}), strict=True))
+
+
+def ort_values(proto: onnx.ModelProto, x: np.ndarray, names, batch: int) -> dict:
+    """The same values from ONNX Runtime, batch by batch (what Activations itself sees)."""
+    import onnxruntime as ort
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n != "y")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(proto.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    runs = [sess.run(list(names), {"x": x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return {n: [r[k] for r in runs] for k, n in enumerate(names)}
+
+
+def analyse(model: ir.Model, calib, **params) -> Activations:
+    ctx = Context(calib=calib)
+    ctx.bind(model)
+    return ctx.analysis(Activations, **params)
+
+
+@pytest.fixture
+def setup():
+    proto = conv_relu_gemm()
+    model = ir.from_proto(proto)
+    calib = CalibrationData.for_model({"x": calib_x()}, model, "test")
+    return proto, model, calib
+
+
+def assert_histogram(counts: np.ndarray, data: np.ndarray, edges: np.ndarray) -> None:
+    """``counts`` equals np.histogram over ``edges``, except that a value within rounding
+    distance of an inner edge may sit on either side of it (after the range grew downward)."""
+    expected, _ = np.histogram(data, bins=edges)
+    assert counts.sum() == expected.sum() == data.size
+    near = np.abs(data[:, None] - edges[None, 1:-1]) <= 1e-12 * (edges[-1] - edges[0])
+    assert np.abs(counts - expected).sum() <= 2 * np.count_nonzero(near)
+
+
+def expected_stats(arr: np.ndarray) -> dict:
+    x = arr.astype(np.float64)
+    axes = (0, *range(2, x.ndim))
+    return {"min": x.min(), "max": x.max(), "mean": x.mean(), "mean_abs": np.abs(x).mean(),
+            "zero_fraction": np.mean(x == 0), "channel_mean": x.mean(axis=axes),
+            "channel_mean_abs": np.abs(x).mean(axis=axes),
+            "channel_zero_fraction": (x == 0).mean(axis=axes)}
+
+
+# -- numbers ----------------------------------------------------------------------------------
+def test_stats_match_the_reference_evaluator(setup):
+    proto, model, calib = setup
+    acts = analyse(model, calib, batch_size=4)
+    assert acts.values == ("x", "c", "r", "f", "y")
+    ref = reference(proto, calib.arrays["x"], ["c", "r", "f", "y"])
+    ref["x"] = calib.arrays["x"]
+    for name, arr in ref.items():
+        s = acts.stats[name]
+        exp = expected_stats(arr)
+        assert s.name == name and s.count == arr.size and s.nonfinite == 0
+        assert s.shape == (4, *arr.shape[1:])  # the first run's shape
+        for key in ("min", "max", "mean", "mean_abs"):
+            assert getattr(s, key) == pytest.approx(exp[key], rel=1e-5, abs=1e-5), (name, key)
+        for key in ("channel_mean", "channel_mean_abs"):
+            np.testing.assert_allclose(getattr(s, key), exp[key], rtol=1e-5, atol=1e-5)
+        assert abs(s.zero_fraction - exp["zero_fraction"]) <= 1 / arr.size
+        np.testing.assert_allclose(s.channel_zero_fraction, exp["channel_zero_fraction"],
+                                   atol=1 / (arr.size / arr.shape[1]))
+        assert s.hist.dtype == np.int64 and len(s.hist) == 2048
+        assert s.hist.sum() == arr.size
+        assert s.hist_range[0] <= s.min and s.max <= s.hist_range[1]
+    # After the ReLU, about half the elements are exactly zero (APoZ).
+    assert 0.3 < acts.stats["r"].zero_fraction < 0.7
+    assert acts.stats["c"].zero_fraction == 0
+    assert acts.stats["y"].channel_mean.shape == (5,)
+
+
+def test_stats_are_exact_against_the_same_runtime(setup):
+    proto, model, calib = setup
+    acts = analyse(model, calib, batch_size=4, bins=64)
+    runs = ort_values(proto, calib.arrays["x"], ["c", "r", "y"], batch=4)
+    for name, parts in runs.items():
+        s = acts.stats[name]
+        flat = np.concatenate([p.ravel() for p in parts]).astype(np.float64)
+        assert (s.min, s.max) == (flat.min(), flat.max())
+        assert s.zero_fraction == np.count_nonzero(flat == 0) / flat.size
+        assert_histogram(s.hist, flat, s.hist_edges)
+
+
+def test_histogram_of_one_batch_spans_min_to_max(setup):
+    _, model, calib = setup
+    acts = analyse(model, calib, batch_size=SAMPLES, values=("c",))
+    s = acts.stats["c"]
+    assert s.hist_range[0] == s.min and s.hist_range[1] == pytest.approx(s.max, rel=1e-15)
+    flat = ort_values(conv_relu_gemm(), calib.arrays["x"], ["c"], SAMPLES)["c"][0]
+    np.testing.assert_array_equal(
+        s.hist, np.histogram(flat.astype(np.float64), bins=s.hist_edges)[0])
+    np.testing.assert_allclose(s.hist_edges[[0, -1]], [s.min, s.max])
+    assert s.hist[0] >= 1 and s.hist[-1] >= 1
+    assert s.percentile(0) == s.min and s.percentile(100) == s.max
+    ref = reference(conv_relu_gemm(), calib.arrays["x"], ["c"])["c"]
+    width = (s.max - s.min) / len(s.hist)
+    assert abs(s.percentile(50) - np.median(ref)) <= width
+
+
+def test_growing_histogram_merges_exactly():
+    rng = np.random.default_rng(5)
+    batches = [rng.uniform(0, 1, 1000), rng.uniform(-3, 0.5, 1000), rng.uniform(0, 9, 1000),
+               np.full(10, 2.0)]
+    hist = _GrowingHistogram(16)
+    for b in batches:
+        hist.add(b)
+    data = np.concatenate(batches)
+    assert hist.lo <= data.min() and data.max() <= hist.hi
+    assert hist.hi - hist.lo < 4 * (data.max() - data.min())
+    assert_histogram(hist.counts, data, hist.edges())
+    # Growing upward only keeps the edges exact: the counts are np.histogram's.
+    up = _GrowingHistogram(16)
+    for b in (batches[0], batches[2], batches[3]):
+        up.add(b)
+    expected, _ = np.histogram(np.concatenate([batches[0], batches[2], batches[3]]),
+                               bins=up.edges())
+    np.testing.assert_array_equal(up.counts, expected)
+
+
+def test_constant_first_batch_and_nonfinite_values():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2] x) => (float[N,2] y) { y = Log(x) }""")
+    x = np.array([[1, 1], [1, 1], [0, -1], [np.e, 1]], np.float32)  # log: 0, -inf, nan
+    acts = analyse(model, CalibrationData.for_model({"x": x}, model), batch_size=2)
+    s = acts.stats["y"]
+    assert (s.count, s.nonfinite) == (6, 2)
+    assert s.min == 0 and s.max == pytest.approx(1, rel=1e-6)
+    assert s.hist.sum() == 6 and s.zero_fraction == 5 / 6
+    np.testing.assert_allclose(s.channel_mean, [1 / 3, 0.0], atol=1e-7)
+
+
+# -- values, memory bound, runs ---------------------------------------------------------------
+def test_value_selection(setup):
+    _, model, calib = setup
+    assert analyse(model, calib, values=("r", "x")).values == ("r", "x")
+    inputs_only = analyse(model, calib, values=("x",))
+    assert inputs_only.runs == 0 and inputs_only.groups == []
+    assert inputs_only.stats["x"].max == calib.arrays["x"].max()
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "Activations: no activation named 'W' in the main graph")):
+        analyse(model, calib, values=("W",))
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "Activations: no activation named 'nope' in the main graph")):
+        analyse(model, calib, values=("nope",))
+    shaped = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2] x) => (int64[2] s, float[N,2] y) { s = Shape(x)  y = Relu(x) }""")
+    data = CalibrationData.for_model({"x": np.ones((2, 2), np.float32)}, shaped)
+    assert analyse(shaped, data).values == ("x", "y")
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "Activations: value 's' is int64, not a float tensor")):
+        analyse(shaped, data, values=("s",))
+
+
+@pytest.mark.parametrize("max_bytes, batch, groups", [
+    (1 << 30, 4, [["c", "r", "f", "y"]]),
+    (8 * BIG, 4, [["c", "r"], ["f", "y"]]),
+    (2 * BIG, 2, [["c"], ["r"], ["f"], ["y"]]),
+])
+def test_memory_bound_splits_values_into_groups(setup, max_bytes, batch, groups):
+    _, model, calib = setup
+    acts = analyse(model, calib, batch_size=4, max_bytes=max_bytes)
+    assert acts.groups == groups
+    assert acts.runs == len(groups) * -(-SAMPLES // batch)
+    assert acts.peak_bytes <= max_bytes
+    assert acts.peak_bytes == max(sum(BIG if n != "y" else 20 for n in g) for g in groups) * batch
+    full = analyse(model, calib, batch_size=SAMPLES)
+    for name in acts.values:
+        assert acts.stats[name].min == full.stats[name].min
+        assert acts.stats[name].max == full.stats[name].max
+        assert acts.stats[name].mean == pytest.approx(full.stats[name].mean, rel=1e-9, abs=1e-12)
+
+
+def test_static_batch_model_runs_one_batch_at_a_time():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,3] x) => (float[1,3] y) { y = Relu(x) }""")
+    x = np.arange(-6, 6, dtype=np.float32).reshape(4, 3)
+    acts = analyse(model, CalibrationData.for_model({"x": x}, model), batch_size=8)
+    assert acts.runs == 4
+    assert acts.stats["y"].max == 5 and acts.stats["y"].zero_fraction == 7 / 12
+    np.testing.assert_array_equal(acts.stats["y"].channel_mean, [0.75, 1.25, 1.75])
+
+
+def test_unbatched_inputs_and_samples_stacking():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[3] v) => (float[3] y) { y = Relu(v) }""")
+    v = np.arange(-6, 6, dtype=np.float32).reshape(4, 3)
+    acts = analyse(model, CalibrationData.for_model({"v": v}, model))
+    assert acts.runs == 4 and acts.stats["y"].channel_mean is None  # rank-1 values
+    assert acts.stats["y"].shape == (3,)
+    np.testing.assert_array_equal(acts.sample("y", 3), np.maximum(v[:3], 0))
+
+
+def test_sample_returns_raw_activations(setup):
+    proto, model, calib = setup
+    acts = analyse(model, calib, batch_size=4)
+    ref = reference(proto, calib.arrays["x"][:6], ["c", "y"])
+    got = acts.samples(("c", "y", "x"), 6)
+    assert got["c"].shape == (6, 4, 8, 8) and got["y"].shape == (6, 5)
+    np.testing.assert_allclose(got["c"], ref["c"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["x"], calib.arrays["x"][:6])
+    np.testing.assert_array_equal(acts.sample("c", 6), got["c"])
+
+
+def test_sample_honours_max_bytes(setup, caplog):
+    _, model, calib = setup
+    acts = analyse(model, calib, batch_size=2, max_bytes=4 * BIG + 1)
+    with caplog.at_level(logging.WARNING, logger="edgeopt.passes.analyses.activations"):
+        got = acts.sample("r", 10)  # runs of 2 samples; 4 samples fit
+    assert got.shape == (4, 4, 8, 8)
+    assert "returning fewer than 10 samples" in caplog.text
+    tiny = analyse(model, calib, values=("y",), max_bytes=BIG // 2)
+    with pytest.raises(EdgeoptError, match=re.escape(
+            f"Activations: one run of ['r'] needs {BIG} bytes, more than "
+            f"max_bytes={BIG // 2}")):
+        tiny.sample("r", 1)
+
+
+def test_stale_analysis_refuses_to_sample(setup):
+    _, model, calib = setup
+    acts = analyse(model, calib)
+    model.graph.outputs.append(model.graph.initializers["B"])
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "Activations: the model changed since these activations were computed; request "
+            "the analysis again")):
+        acts.sample("c", 1)
+
+
+def test_large_models_go_through_a_temporary_file(setup, monkeypatch):
+    _, model, calib = setup
+    inline = analyse(model, calib, batch_size=4)
+    monkeypatch.setattr(Activations, "INLINE_LIMIT", 0)
+    external = analyse(model, calib, batch_size=4)
+    for name in inline.values:
+        a, b = inline.stats[name], external.stats[name]
+        assert (a.min, a.max, a.mean, a.count) == (b.min, b.max, b.mean, b.count)
+        np.testing.assert_array_equal(a.hist, b.hist)
+    np.testing.assert_array_equal(external.sample("y", 2), inline.sample("y", 2))
+
+
+def test_the_model_is_not_modified(setup):
+    _, model, calib = setup
+    before, version = ir.to_proto(model).SerializeToString(), model.version
+    acts = analyse(model, calib)
+    acts.samples(("c", "f"), 3)
+    assert model.version == version
+    assert ir.to_proto(model).SerializeToString() == before
+    # Types came from inference on a clone: the IR still does not know them.
+    assert model.graph.nodes[0].outputs[0].dtype is None
+
+
+def test_progress_is_reported(setup):
+    _, model, calib = setup
+    seen = []
+    ctx = Context(calib=calib, progress=lambda desc, done, total: seen.append((desc, done,
+                                                                               total)))
+    ctx.bind(model)
+    ctx.analysis(Activations, batch_size=5, max_bytes=10 * BIG)
+    assert seen == [("activations", i, 4) for i in range(1, 5)]  # 2 groups x 2 batches
+
+
+def test_subgraph_values_are_not_activations():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2] x, bool c) => (float[N,2] y) {
+            y = If(c) <then_branch = t () => (float[N,2] a) { a = Relu(x) },
+                       else_branch = e () => (float[N,2] b) { b = Neg(x) }>
+        }""")
+    # 'c' is a scalar input: its samples are fed one per run, without the sample axis.
+    data = CalibrationData.for_model({"x": -np.ones((1, 2), np.float32),
+                                      "c": np.array([True])}, model)
+    acts = analyse(model, data)
+    assert acts.values == ("x", "y")
+    assert acts.stats["y"].max == 0 and acts.stats["y"].min == 0
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "Activations: no activation named 'a' in the main graph")):
+        analyse(model, data, values=("a",))
+
+
+# -- calibration and caching ------------------------------------------------------------------
+def test_needs_calibration_data(setup):
+    _, model, _ = setup
+    with pytest.raises(CalibrationError, match=re.escape(
+            "Activations needs calibration data (--calib)")):
+        analyse(model, None)
+
+
+def test_plain_dict_and_random_calibration(setup, caplog):
+    proto, model, _ = setup
+    x = calib_x(3)
+    acts = analyse(model, {"x": x}, values=("y",))
+    ref = reference(proto, x, ["y"])["y"]
+    assert acts.stats["y"].max == pytest.approx(ref.max(), rel=1e-5)
+    with caplog.at_level(logging.WARNING):
+        rand = analyse(model, load_calibration("random", model, num_samples=3))
+    assert rand.stats["c"].count == 3 * 4 * 8 * 8
+    assert "RANDOM" in caplog.text
+
+
+def test_runtime_failures_name_the_data(setup):
+    _, model, _ = setup
+    unchecked = CalibrationData({"x": np.zeros((2, 3, 8, 8))}, source="mine.npz")  # float64
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "Activations: ONNX Runtime failed on the calibration data from mine.npz: "
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input data type.")):
+        analyse(model, unchecked)
+
+
+def test_bad_parameters(setup):
+    _, model, calib = setup
+    with pytest.raises(ValueError, match="bins must be an even number >= 2, not 7"):
+        analyse(model, calib, bins=7)
+
+
+def test_cached_until_a_pass_modifies_the_model(setup):
+    _, model, calib = setup
+
+    @register_pass("test-activations-touch")
+    def touch(model: ir.Model, ctx: Context) -> PassResult:
+        """Add an unused Identity node (a real, if harmless, change)."""
+        first = ctx.analysis(Activations, batch_size=4)
+        assert ctx.analysis(Activations, batch_size=4) is first
+        node = model.graph.append(ir.Node("Identity", [model.graph.outputs[0]]))
+        node.outputs[0].name = "touched"
+        return PassResult(modified=True)
+
+    @register_pass("test-activations-look")
+    def look(model: ir.Model, ctx: Context) -> PassResult:
+        """Read the analysis without changing anything."""
+        seen.append(ctx.analysis(Activations, batch_size=4))
+        return PassResult(modified=False)
+
+    seen: list[Activations] = []
+    try:
+        ctx = Context(calib=calib)
+        PassManager("test-activations-look,test-activations-look", verify="none").run(model,
+                                                                                     ctx)
+        assert seen[0] is seen[1] and ctx.cached() == [Activations]
+        PassManager("test-activations-touch,test-activations-look", verify="none").run(model,
+                                                                                      ctx)
+        assert seen[2] is not seen[0]
+        assert isinstance(seen[2].stats["y"], ValueStats)
+        # Different parameters are a different analysis.
+        assert ctx.analysis(Activations, batch_size=4) is seen[2]
+        assert ctx.analysis(Activations, batch_size=2) is not seen[2]
+    finally:
+        unregister_pass("test-activations-touch")
+        unregister_pass("test-activations-look")
