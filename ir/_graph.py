@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator, MutableSequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ class _ValueList(MutableSequence):
                 raise ValueError(f"{value!r} is produced by a node; it cannot be a graph input")
             if value._input_of is not None and value._input_of is not self._graph:
                 raise ValueError(f"{value!r} is already an input of another graph")
+            if value._initializer_of is not None and value._initializer_of is not self._graph:
+                raise ValueError(f"{value!r} is an initializer of another graph")
             value._input_of = self._graph
             value._graph = self._graph
         else:
@@ -54,9 +57,11 @@ class _ValueList(MutableSequence):
     def __setitem__(self, i: Any, value: Any) -> None:
         new = list(value) if isinstance(i, slice) else [value]
         old = self._items[i] if isinstance(i, slice) else [self._items[i]]
+        items = list(self._items)
+        items[i] = new if isinstance(i, slice) else value  # raises before any flag changes
         for v in new:
             self._claim(v)
-        self._items[i] = value if not isinstance(i, slice) else new
+        self._items = items
         for v in old:
             self._release(v)
         self._graph._bump()
@@ -105,6 +110,8 @@ class _Initializers(dict):
             raise ValueError(f"initializer name {value.name!r} is already taken")
         if value._initializer_of is not None and value._initializer_of is not self._graph:
             raise ValueError(f"{value!r} is already an initializer of another graph")
+        if value._input_of is not None and value._input_of is not self._graph:
+            raise ValueError(f"{value!r} is an input of another graph")
         super().__setitem__(value.name, value)
         value._initializer_of = self._graph
         value._graph = self._graph
@@ -124,7 +131,7 @@ class _Initializers(dict):
             value._graph = None
         self._graph._bump()
 
-    def pop(self, name: str, *default: Any) -> Any:  # noqa: D102 - dict semantics
+    def pop(self, name: str, *default: Any) -> Any:
         if name not in self:
             if default:
                 return default[0]
@@ -133,7 +140,27 @@ class _Initializers(dict):
         del self[name]
         return value
 
+    # dict's own bulk methods bypass __setitem__/__delitem__ and would skip the role flags.
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for name, value in dict(*args, **kwargs).items():
+            self[name] = value
+
+    def setdefault(self, *args: Any) -> Any:
+        raise TypeError("use initializers.add(value)")
+
+    def clear(self) -> None:
+        for name in list(self):
+            del self[name]
+
+    def popitem(self) -> tuple[str, Value]:
+        if not self:
+            raise KeyError("popitem(): no initializers")
+        name = next(reversed(self))
+        return name, self.pop(name)
+
     def _rename(self, value: Value, new: str) -> None:
+        if not new:
+            raise ValueError(f"initializer {value.name!r}: an initializer needs a name")
         if new in self:
             raise ValueError(f"initializer name {new!r} is already taken")
         super().__delitem__(value.name)
@@ -188,6 +215,11 @@ class Graph:
     def __len__(self) -> int:
         return self._count
 
+    def __bool__(self) -> bool:
+        # A graph is an object, not a container to test for emptiness: ``if node.graph:``
+        # must not be false for a graph that has no nodes yet.
+        return True
+
     def _snapshot(self) -> list[Node]:
         nodes, node = [], self._head
         while node is not None:
@@ -223,33 +255,80 @@ class Graph:
         return graph
 
     # -- insertion ---------------------------------------------------------------------------
+    # A node that is already in this graph is moved (its edges are untouched); a node of
+    # another graph is refused. Moving is how a pass reorders nodes without rewiring them.
     def append(self, node: Node) -> Node:
-        """Add ``node`` at the end and return it."""
+        """Add (or move) ``node`` at the end and return it.
+
+        Raises:
+            ValueError: the node belongs to another graph.
+        """
+        self._check_insertable([node], None)
+        if node._graph is self:
+            if node is self._tail:
+                return node
+            self._unlink(node)
         self._link(node, self._tail, None)
         return node
 
     def extend(self, nodes: Iterable[Node]) -> None:
-        """Add nodes at the end, in order."""
+        """Add (or move) nodes at the end, in order."""
         for node in nodes:
             self.append(node)
 
     def insert_before(self, anchor: Node, nodes: Node | Iterable[Node]) -> None:
-        """Insert node(s) right before ``anchor``, in the order given."""
-        self._check_member(anchor)
-        for node in [nodes] if isinstance(nodes, Node) else list(nodes):
+        """Insert (or move) node(s) right before ``anchor``, in the order given.
+
+        Raises:
+            ValueError: ``anchor`` is not in this graph, is among ``nodes``, or a node
+                belongs to another graph.
+        """
+        batch = [nodes] if isinstance(nodes, Node) else list(nodes)
+        self._check_insertable(batch, anchor)
+        for node in batch:
+            if node._graph is self:
+                self._unlink(node)
             self._link(node, anchor._prev, anchor)
 
     def insert_after(self, anchor: Node, nodes: Node | Iterable[Node]) -> None:
-        """Insert node(s) right after ``anchor``, in the order given."""
-        self._check_member(anchor)
+        """Insert (or move) node(s) right after ``anchor``, in the order given.
+
+        Raises:
+            ValueError: as for :meth:`insert_before`.
+        """
+        batch = [nodes] if isinstance(nodes, Node) else list(nodes)
+        self._check_insertable(batch, anchor)
         prev = anchor
-        for node in [nodes] if isinstance(nodes, Node) else list(nodes):
+        for node in batch:
+            if node._graph is self:
+                self._unlink(node)
             self._link(node, prev, prev._next)
             prev = node
 
+    def _check_insertable(self, batch: list[Node], anchor: Node | None) -> None:
+        """Validate a whole insertion up front, so a refused one changes nothing."""
+        if anchor is not None:
+            self._check_member(anchor)
+        if len(set(map(id, batch))) != len(batch):
+            raise ValueError("a node is listed twice for insertion")
+        for node in batch:
+            if node is anchor:
+                raise ValueError(f"cannot insert {node!r} next to itself")
+            if node._graph is not None and node._graph is not self:
+                raise ValueError(f"{node!r} already belongs to graph {node._graph.name!r}")
+            if any(sub is self or self._inside(sub) for sub in node.subgraphs()):
+                raise ValueError(f"cannot insert {node!r} into its own subgraph")
+
+    def _inside(self, other: Graph) -> bool:
+        """True if this graph is nested (at any depth) in ``other``."""
+        graph: Graph | None = self
+        while graph is not None and graph.parent is not None:
+            graph = graph.parent.graph
+            if graph is other:
+                return True
+        return False
+
     def _link(self, node: Node, prev: Node | None, nxt: Node | None) -> None:
-        if node._graph is not None:
-            raise ValueError(f"{node!r} already belongs to a graph")
         node._graph, node._prev, node._next = self, prev, nxt
         if prev is None:
             self._head = node
@@ -283,38 +362,55 @@ class Graph:
     def remove(self, nodes: Node | Iterable[Node], safe: bool = True) -> None:
         """Remove node(s), detaching their inputs (including uses made inside their subgraphs).
 
+        The removed nodes' subgraphs are emptied of edges: their nodes drop their inputs and
+        the subgraphs drop their outputs, so no outer value keeps a use or a graph-output role
+        from a node that is gone. The nodes' own outputs are left as they are.
+
         Args:
-            nodes: the node or nodes to remove (all must be in this graph).
-            safe: refuse when an output is still used by a node that stays, or is a graph
-                output. Only callers that rewire those uses right after may pass False.
+            nodes: the node or nodes to remove (all must be in this graph; duplicates are
+                ignored). Removing a batch checks uses against the whole batch, so a dead
+                chain can go in one call.
+            safe: refuse when an output is still used by a node that stays, or is an
+                output of a graph that stays. Only callers that rewire those uses right
+                after may pass False.
 
         Raises:
             ValueError: a node is not in this graph, or (``safe``) an output is still in use.
+                Nothing is removed then.
         """
-        batch = [nodes] if isinstance(nodes, Node) else list(nodes)
+        batch = list(dict.fromkeys([nodes] if isinstance(nodes, Node) else nodes))
         gone = set(map(id, batch))
         for node in batch:
             self._check_member(node)
-            if not safe:
-                continue
-            for out in node.outputs:
-                if out.is_graph_output():
-                    raise ValueError(f"cannot remove {node!r}: output {out.name!r} is a graph "
-                                     "output")
-                for use in out.uses():
-                    if id(_top_level_user(use.node, self)) not in gone:
-                        raise ValueError(f"cannot remove {node!r}: output {out.name!r} is "
-                                         f"still used by {use.node!r}")
+        if safe:
+            for node in batch:
+                self._check_unused(node, gone)
         for node in batch:
             _detach_inputs(node)
             self._unlink(node)
+
+    def _check_unused(self, node: Node, gone: set[int]) -> None:
+        for out in node.outputs:
+            for use in out.uses():
+                if id(_top_level_user(use.node, self)) not in gone:
+                    raise ValueError(f"cannot remove {node!r}: output {out.name!r} is still "
+                                     f"used by {use.node!r}")
+            for graph in out._output_of:
+                if graph is self:
+                    raise ValueError(f"cannot remove {node!r}: output {out.name!r} is a graph "
+                                     "output")
+                # An output of a subgraph that is removed with the batch does not count.
+                if id(_top_level_user(graph.parent, self)) not in gone:
+                    raise ValueError(f"cannot remove {node!r}: output {out.name!r} is an "
+                                     f"output of subgraph {graph.name!r}")
 
     # -- ordering ----------------------------------------------------------------------------
     def toposort(self) -> None:
         """Reorder nodes so each comes after the producers of everything it reads.
 
-        Stable: nodes already in order keep their relative order. Subgraphs are sorted too.
-        Values captured by a subgraph count as inputs of the node holding it.
+        Stable: among nodes that are ready, the earlier one comes first, so a sorted graph is
+        left unchanged (and its version is not bumped). Subgraphs are sorted too. Values a
+        subgraph captures or returns count as inputs of the node holding it.
 
         Raises:
             VerificationError: the graph has a cycle.
@@ -330,8 +426,6 @@ class Graph:
                 if j is not None and j != i and j not in deps[i]:
                     deps[i].add(j)
                     users[j].append(i)
-        import heapq
-
         ready = [i for i, d in deps.items() if not d]
         heapq.heapify(ready)
         order: list[int] = []
@@ -343,12 +437,24 @@ class Graph:
                 if not deps[k]:
                     heapq.heappush(ready, k)
         if len(order) != len(nodes):
-            stuck = next(nodes[i] for i in range(len(nodes)) if deps[i])
-            raise VerificationError(f"graph {self.name!r} has a cycle through {stuck!r}")
+            # Every unplaced node still waits on an unplaced one; following those waits from
+            # any of them must run into a cycle, so the node reported is really on it.
+            i, seen = next(i for i in range(len(nodes)) if deps[i]), set()
+            while i not in seen:
+                seen.add(i)
+                i = min(deps[i])
+            raise VerificationError(f"graph {self.name!r} has a cycle through {nodes[i]!r}")
+        if order != sorted(order):  # bump the version only when something moved
+            self._relink([nodes[i] for i in order])
+        for node in nodes:
+            for sub in node.subgraphs():
+                sub.toposort()
+
+    def _relink(self, nodes: list[Node]) -> None:
+        """Rebuild the linked list in the given order (same nodes, new order)."""
         self._head = self._tail = None
         prev = None
-        for i in order:
-            node = nodes[i]
+        for node in nodes:
             node._prev, node._next = prev, None
             if prev is None:
                 self._head = node
@@ -357,9 +463,6 @@ class Graph:
             prev = node
         self._tail = prev
         self._bump()
-        for node in nodes:
-            for sub in node.subgraphs():
-                sub.toposort()
 
     # -- misc --------------------------------------------------------------------------------
     def add_initializer(self, name: str, tensor: Tensor) -> Value:
@@ -399,11 +502,14 @@ def _reads(node: Node) -> Iterator[Value]:
 
 
 def _detach_inputs(node: Node) -> None:
-    """Drop every use the node (and nodes in its subgraphs) makes."""
+    """Drop every use the node (and nodes in its subgraphs) makes, and subgraph outputs."""
     node.set_inputs(())
     for sub in node.subgraphs():
         for inner in sub.walk():
             inner.set_inputs(())
+        del sub.outputs[:]
+        for nested in sub.subgraphs():
+            del nested.outputs[:]
 
 
 class Model:

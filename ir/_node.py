@@ -111,13 +111,18 @@ class Attrs(dict):
             attr = Attr.infer(name, attr)
         if attr.name != name:
             raise ValueError(f"attribute stored under {name!r} is named {attr.name!r}")
+        home = self._node.graph
+        for g in attr.graphs():  # check before changing anything
+            if g.parent is not None and g.parent is not self._node:
+                raise ValueError(f"graph {g.name!r} already belongs to {g.parent!r}")
+            if home is not None and (g is home or home._inside(g)):
+                raise ValueError(f"graph {g.name!r} encloses {self._node!r}; it cannot be its "
+                                 "subgraph")
         old = self.get(name)
         if old is not None:
             for g in old.graphs():
                 self._node._detach_subgraph(g)
         for g in attr.graphs():
-            if g.parent is not None and g.parent is not self._node:
-                raise ValueError(f"graph {g.name!r} already belongs to node {g.parent.name!r}")
             g.parent = self._node
         super().__setitem__(name, attr)
         self._node._bump()
@@ -128,7 +133,7 @@ class Attrs(dict):
         super().__delitem__(name)
         self._node._bump()
 
-    def pop(self, name: str, *default: Any) -> Any:  # noqa: D102 - dict semantics
+    def pop(self, name: str, *default: Any) -> Any:
         if name not in self:
             if default:
                 return default[0]
@@ -137,12 +142,31 @@ class Attrs(dict):
         del self[name]
         return attr
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102 - dict semantics
+    def update(self, *args: Any, **kwargs: Any) -> None:
         for k, v in dict(*args, **kwargs).items():
             self[k] = v
 
-    def setdefault(self, *args: Any) -> Any:  # noqa: D102
+    def setdefault(self, *args: Any) -> Any:
         raise TypeError("use attrs[name] = Attr(...)")
+
+    # dict's own clear/popitem bypass __delitem__ and would leave subgraph parents set.
+    def clear(self) -> None:
+        for name in list(self):
+            del self[name]
+
+    def popitem(self) -> tuple[str, Attr]:
+        if not self:
+            raise KeyError("popitem(): attributes are empty")
+        name = next(reversed(self))
+        return name, self.pop(name)
+
+
+def _check_fresh(value: Value) -> None:
+    """Refuse to adopt a value that is already defined (SSA: one definition per value)."""
+    # ``is not None`` matters: a Graph defines __len__, so an empty graph is falsy.
+    if value._producer is not None or value._input_of is not None \
+            or value._initializer_of is not None:
+        raise ValueError(f"value {value.name!r} already has a definition")
 
 
 class Node:
@@ -164,6 +188,17 @@ class Node:
         overload: ONNX function overload identifier.
     """
 
+    #: Plain fields that end up in the exported model: assigning one counts as a mutation.
+    _TRACKED = frozenset({"op_type", "domain", "overload", "name", "doc_string"})
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in Node._TRACKED and getattr(self, "_graph", None) is not None \
+                and getattr(self, key, None) != value:
+            object.__setattr__(self, key, value)
+            self._graph._bump()
+            return
+        object.__setattr__(self, key, value)
+
     def __init__(self, op_type: str, inputs: Iterable[Value | None] = (),
                  attrs: Iterable[Attr] | dict[str, Any] = (), *, domain: str = "",
                  num_outputs: int = 1, outputs: Sequence[Value] | None = None, name: str = "",
@@ -181,15 +216,18 @@ class Node:
         self._prev: Node | None = None
         self._next: Node | None = None
         self._inputs: tuple[Value | None, ...] = ()
+        # Validate the outputs before anything links to this node, so a refused node leaves
+        # no trace (no subgraph parent, no use) behind.
+        outputs = [Value() for _ in range(num_outputs)] if outputs is None else list(outputs)
+        for out in outputs:
+            _check_fresh(out)
+        if len(set(map(id, outputs))) != len(outputs):
+            raise ValueError("a node cannot list the same value as two outputs")
         self.attrs = Attrs(self)
         items = attrs.items() if isinstance(attrs, dict) else ((a.name, a) for a in attrs)
         for key, attr in items:
             self.attrs[key] = attr
-        if outputs is None:
-            outputs = [Value() for _ in range(num_outputs)]
         for i, out in enumerate(outputs):
-            if out._producer is not None or out._input_of is not None or out._initializer_of:
-                raise ValueError(f"value {out.name!r} already has a definition")
             out._producer, out._index = self, i
         self._outputs: tuple[Value, ...] = tuple(outputs)
         self.set_inputs(inputs)
@@ -214,7 +252,7 @@ class Node:
             old._uses.pop(Use(self, index), None)
         if value is not None:
             value._uses[Use(self, index)] = None
-        self._inputs = self._inputs[:index] + (value,) + self._inputs[index + 1:]
+        self._inputs = (*self._inputs[:index], value, *self._inputs[index + 1:])
         self._bump()
 
     def set_inputs(self, values: Iterable[Value | None]) -> None:
@@ -229,10 +267,13 @@ class Node:
         self._bump()
 
     def append_output(self, value: Value | None = None) -> Value:
-        """Add a new output (e.g. an optional output that was omitted) and return it."""
+        """Add a new output (e.g. an optional output that was omitted) and return it.
+
+        Raises:
+            ValueError: ``value`` already has a producer or is a graph input or initializer.
+        """
         value = value if value is not None else Value()
-        if value._producer is not None:
-            raise ValueError(f"value {value.name!r} already has a producer")
+        _check_fresh(value)
         value._producer, value._index = self, len(self._outputs)
         self._outputs = (*self._outputs, value)
         self._bump()

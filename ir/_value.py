@@ -34,7 +34,8 @@ class Value:
     Args:
         name: the value's name, unique within its model ("" only for omitted optional outputs).
         dtype: element type, if known.
-        shape: dims (``int``, ``str`` for symbolic, ``None`` for unknown); ``None`` for unknown rank.
+        shape: dims (``int``, ``str`` for symbolic, ``None`` for unknown); ``None`` for an
+            unknown rank.
         const_value: constant data, for initializers.
     """
 
@@ -133,10 +134,14 @@ class Value:
     def replace_all_uses_with(self, new: Value, replace_graph_outputs: bool = False) -> None:
         """Make every consumer read ``new`` instead of this value.
 
+        Consumers include nodes inside subgraphs that capture this value.
+
         Args:
             new: the replacement.
-            replace_graph_outputs: also substitute ``new`` where this value is a graph output.
-                Off by default because graph outputs carry the model's public names.
+            replace_graph_outputs: also substitute ``new`` wherever this value is listed as a
+                graph output (main graph or subgraph). Off by default because main-graph
+                outputs carry the model's public names, and because a subgraph may not return
+                a value of an enclosing graph directly (ONNX Runtime refuses such a model).
         """
         if new is self:
             return

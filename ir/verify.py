@@ -5,7 +5,8 @@
 - ``"structure"``: SSA (one producer per value, unique names per scope and no shadowing of
   outer names), every input defined before use (graph input, initializer, earlier node
   output, or an enclosing scope for subgraphs), use lists consistent in both directions, graph
-  outputs defined, initializers carry data, subgraph parents set.
+  outputs defined (a subgraph's outputs inside the subgraph itself, as ONNX Runtime requires),
+  initializers carry data, subgraph parents set.
 - ``"types"`` (default): structure, plus initializer dtype/shape consistent with their data,
   per-op arity and attributes against the ONNX schema of the model's opset, and per-op shape
   hooks (Conv weight channels, BatchNormalization parameter lengths, quantization scale and
@@ -16,7 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import VerificationError
 from ._node import AttrType, Node
@@ -26,7 +27,7 @@ from ._value import Use, Value
 if TYPE_CHECKING:
     from ._graph import Graph, Model
 
-__all__ = ["verify", "SHAPE_HOOKS"]
+__all__ = ["SHAPE_HOOKS", "verify"]
 
 Level = Literal["structure", "types", "onnx"]
 
@@ -49,7 +50,7 @@ def verify(model: Model, level: Level = "types") -> None:
     checker.reverse_uses()
     if checker.errors:
         first, more = checker.errors[0], len(checker.errors) - 1
-        err = VerificationError(first + (f" (and {more} more problem{'s' * (more > 1)})"
+        err = VerificationError(first + (f" (and {_count(more, 'more problem')})"
                                          if more else ""))
         err.errors = list(checker.errors)  # type: ignore[attr-defined]
         raise err
@@ -84,6 +85,18 @@ def _node_label(node: Node) -> str:
     return f"node {node.name or '<unnamed>'!r} ({node.op_type})"
 
 
+def _undefined(v: Value, graph: Graph) -> str:
+    """Why an input that is not in scope is not: produced later, or not at all."""
+    producer = v.producer()
+    scopes: Graph | None = graph
+    while producer is not None and scopes is not None:
+        if producer.graph is scopes:
+            return (f"is used before it is defined (its producer {_node_label(producer)} comes "
+                    "later)")
+        scopes = scopes.parent.graph if scopes.parent is not None else None
+    return "is not defined in this graph or an enclosing one"
+
+
 class _Checker:
     def __init__(self, model: Model, level: Level) -> None:
         self.model = model
@@ -98,9 +111,12 @@ class _Checker:
 
     def define(self, graph: Graph, scope: _Scope, value: Value, what: str) -> None:
         self.seen_values[id(value)] = value
-        if value.name and scope.name_taken(value.name):
-            self.fail(graph, f"{what} {value.name!r} is defined more than once (names must be "
-                             "unique, and subgraphs may not shadow outer names)")
+        if value.name in scope.names:
+            self.fail(graph, f"{what} {value.name!r} is defined more than once (value names "
+                             "must be unique)")
+        elif value.name and scope.name_taken(value.name):
+            self.fail(graph, f"{what} {value.name!r} shadows a value of an enclosing graph "
+                             "(subgraphs may not reuse outer names)")
         if id(value) in scope.values:
             return
         scope.values.add(id(value))
@@ -128,8 +144,14 @@ class _Checker:
         for node in graph:
             self.node(graph, scope, node)
         for i, v in enumerate(graph.outputs):
-            if v is None or not scope.defined(v):
-                self.fail(graph, f"graph output {i} {getattr(v, 'name', '')!r} is not defined")
+            if id(v) in scope.values:
+                continue
+            if scope.defined(v):  # only a subgraph has an enclosing scope
+                self.fail(graph, f"graph output {i} {v.name!r} is a value of an enclosing "
+                                 "graph (a subgraph must return a value it defines; insert "
+                                 "an Identity)")
+            else:
+                self.fail(graph, f"graph output {i} {v.name!r} is not defined")
 
     def initializer_types(self, graph: Graph, v: Value) -> None:
         t = v.const_value
@@ -138,7 +160,7 @@ class _Checker:
                              f"is {t.dtype.name}")
         if v.shape is not None:
             ok = len(v.shape) == len(t.shape) and all(
-                not isinstance(d, int) or d == s for d, s in zip(v.shape, t.shape))
+                not isinstance(d, int) or d == s for d, s in zip(v.shape, t.shape, strict=True))
             if not ok:
                 self.fail(graph, f"initializer {v.name!r} is declared {format_shape(v.shape)} "
                                  f"but its data is {format_shape(t.shape)}")
@@ -156,11 +178,7 @@ class _Checker:
                 self.fail(graph, f"{label}: input {i} {v.name!r} does not list the node as a "
                                  "user (broken use list)")
             if not scope.defined(v):
-                where = "later in the graph" if v.producer() is not None and \
-                    v.producer().graph is graph else "anywhere in scope"
-                self.fail(graph, f"{label}: input {i} {v.name!r} is not defined before use "
-                                 f"(defined {where})" if where.startswith("later")
-                          else f"{label}: input {i} {v.name!r} is not defined {where}")
+                self.fail(graph, f"{label}: input {i} {v.name!r} {_undefined(v, graph)}")
         for sub in node.subgraphs():
             if sub.parent is not node:
                 self.fail(graph, f"{label}: subgraph {sub.name!r} does not point back to it")
@@ -168,15 +186,17 @@ class _Checker:
         for i, out in enumerate(node.outputs):
             if out.producer() is not node or out.index() != i:
                 self.fail(graph, f"{label}: output {i} {out.name!r} names another producer")
-            if out.is_graph_input() or out.is_initializer():
-                self.fail(graph, f"{label}: output {out.name!r} is also a graph input or "
-                                 "initializer")
+            for role, flag in (("a graph input", out.is_graph_input()),
+                               ("an initializer", out.is_initializer())):
+                if flag:
+                    self.fail(graph, f"{label}: output {i} {out.name!r} is also {role}")
             if not out.name and (out.uses() or out.is_graph_output()):
                 self.fail(graph, f"{label}: unnamed output {i} is used")
-            self.define(graph, scope, out, f"output of {label}")
+            self.define(graph, scope, out, f"{label}: output {i}")
         if self.level != "structure":
             self.schema(graph, node)
-            hook = SHAPE_HOOKS.get((node.domain, node.op_type))
+            hook = SHAPE_HOOKS.get(("" if node.domain == "ai.onnx" else node.domain,
+                                    node.op_type))
             if hook is not None:
                 msg = hook(node)
                 if msg:
@@ -187,13 +207,15 @@ class _Checker:
 
         label = _node_label(node)
         domain = "" if node.domain == "ai.onnx" else node.domain
-        if (node.domain, node.op_type) in self.functions:
-            return
-        version = self.model.opset_imports.get(domain,
-                                               self.model.opset_imports.get("ai.onnx"))
+        imports = self.model.opset_imports
+        version = imports.get(domain)
+        if version is None and domain == "":  # the default domain may be spelled "ai.onnx"
+            version = imports.get("ai.onnx")
         if version is None:
             self.fail(graph, f"{label}: domain {node.domain!r} has no opset import")
             return
+        if (node.domain, node.op_type) in self.functions:
+            return  # a call of a model-local function: its body is opaque to the IR
         try:
             schema = defs.get_schema(node.op_type, version, domain)
         except defs.SchemaError:
@@ -201,13 +223,27 @@ class _Checker:
                 self.fail(graph, f"{label}: no operator {node.op_type!r} in opset {version} of "
                                  f"domain {domain or 'ai.onnx'!r}")
             return  # custom domains: unknown ops are passed through
+        self.arity(graph, node, schema, version)
+        self.attributes(graph, node, schema, version)
+
+    def arity(self, graph: Graph, node: Node, schema: Any, version: int) -> None:
+        from onnx import defs
+
+        label = _node_label(node)
         n_in, n_out = len(node.inputs), len(node.outputs)
         if not schema.min_input <= n_in <= schema.max_input:
-            self.fail(graph, f"{label}: has {n_in} inputs; opset {version} allows "
-                             f"{schema.min_input}..{schema.max_input}")
+            self.fail(graph, f"{label}: has {_count(n_in, 'input')}; opset {version} allows "
+                             f"{_bounds(schema.min_input, schema.max_input)}")
         if not schema.min_output <= n_out <= schema.max_output:
-            self.fail(graph, f"{label}: has {n_out} outputs; opset {version} allows "
-                             f"{schema.min_output}..{schema.max_output}")
+            self.fail(graph, f"{label}: has {_count(n_out, 'output')}; opset {version} allows "
+                             f"{_bounds(schema.min_output, schema.max_output)}")
+        single = defs.OpSchema.FormalParameterOption.Single
+        for i, (v, param) in enumerate(zip(node.inputs, schema.inputs, strict=False)):
+            if v is None and param.option == single:
+                self.fail(graph, f"{label}: required input {i} ({param.name}) is omitted")
+
+    def attributes(self, graph: Graph, node: Node, schema: Any, version: int) -> None:
+        label = _node_label(node)
         for name, spec in schema.attributes.items():
             if spec.required and name not in node.attrs:
                 self.fail(graph, f"{label}: required attribute {name!r} is missing")
@@ -234,6 +270,17 @@ class _Checker:
                                        "is not in the model (removed without detaching?)")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _bounds(low: int, high: int) -> str:
+    """An arity range as people write it ("1..3", "1 or more", "2")."""
+    if high >= 2**31 - 1:
+        return f"{low} or more"
+    return str(low) if low == high else f"{low}..{high}"
+
+
 # -- per-op shape hooks --------------------------------------------------------------------
 def _static_dim(v: Value | None, axis: int) -> int | None:
     if v is None or v.shape is None or not -len(v.shape) <= axis < len(v.shape):
@@ -242,23 +289,29 @@ def _static_dim(v: Value | None, axis: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
+def _input(node: Node, i: int) -> Value | None:
+    """Input ``i``, or None when it is omitted (arity errors are the schema check's job)."""
+    return node.inputs[i] if i < len(node.inputs) else None
+
+
 def _conv(node: Node) -> str | None:
-    x, w = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    x, w, b = _input(node, 0), _input(node, 1), _input(node, 2)
     c_in, w_in = _static_dim(x, 1), _static_dim(w, 1)
     group = node.attr("group", 1)
     if c_in is not None and w_in is not None and w_in * group != c_in:
         return (f"weight {w.name!r} has {w_in} input channels x group {group} != "
                 f"{c_in} channels of {x.name!r}")
     c_out = _static_dim(w, 0)
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    if b is not None and c_out is not None and b.shape is not None and \
-            tuple(b.shape) not in ((c_out,), (None,)) and not isinstance(b.shape[0], str):
-        return f"bias {b.name!r} has shape {format_shape(b.shape)}, expected [{c_out}]"
+    if b is None or b.shape is None:
+        return None
+    if len(b.shape) != 1 or (c_out is not None and isinstance(b.shape[0], int)
+                             and b.shape[0] != c_out):
+        return f"bias {b.name!r} has shape {format_shape(b.shape)}, expected [{c_out or 'C'}]"
     return None
 
 
 def _batchnorm(node: Node) -> str | None:
-    c = _static_dim(node.inputs[0], 1)
+    c = _static_dim(_input(node, 0), 1)
     if c is None:
         return None
     for v in node.inputs[1:5]:
@@ -269,15 +322,17 @@ def _batchnorm(node: Node) -> str | None:
 
 
 def _qdq(node: Node) -> str | None:
-    scale = node.inputs[1] if len(node.inputs) > 1 else None
-    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    scale, zp = _input(node, 1), _input(node, 2)
     if scale is None or scale.shape is None:
         return None
-    if zp is not None and zp.shape is not None and tuple(zp.shape) != tuple(scale.shape):
+    # A scalar and a one-element vector both mean per-tensor (onnx's own tests mix them).
+    per_tensor = ((), (1,))
+    if zp is not None and zp.shape is not None and tuple(zp.shape) != tuple(scale.shape) \
+            and not (tuple(zp.shape) in per_tensor and tuple(scale.shape) in per_tensor):
         return (f"zero point {zp.name!r} {format_shape(zp.shape)} and scale {scale.name!r} "
                 f"{format_shape(scale.shape)} differ in shape")
     if len(scale.shape) == 1 and node.attr("block_size", 0) == 0:
-        n = _static_dim(node.inputs[0], node.attr("axis", 1))
+        n = _static_dim(_input(node, 0), node.attr("axis", 1))
         if n is not None and isinstance(scale.shape[0], int) and scale.shape[0] not in (1, n):
             return (f"per-axis scale {scale.name!r} has {scale.shape[0]} entries for axis of "
                     f"size {n}")
