@@ -30,6 +30,9 @@ from ._registry import PassSpec, get_pass, list_passes, plugins, register_pass, 
 
 # Built-in passes register themselves on import.
 from . import dce as _dce  # noqa: E402,F401
+from . import fold_bn as _fold_bn  # noqa: E402,F401
+from . import fold_constants as _fold_constants  # noqa: E402,F401
+from . import simplify as _simplify  # noqa: E402,F401
 
 __all__ = [
     "Context",

@@ -18,7 +18,7 @@ def _is_dead(node: Node) -> bool:
         out.uses() or out.is_graph_output() for out in node.outputs)
 
 
-def _bypass(node: Node) -> bool:
+def _bypass(node: Node, model: Model) -> bool:
     """Reroute the readers of an Identity / inference Dropout to its input; True if done."""
     out = node.outputs[0]
     src = node.inputs[0] if node.inputs else None
@@ -28,7 +28,10 @@ def _bypass(node: Node) -> bool:
         mask_used = len(node.outputs) > 1 and (node.outputs[1].uses() or
                                                node.outputs[1].is_graph_output())
         training = node.inputs[2] if len(node.inputs) > 2 else None
-        if mask_used or node.attr("is_test", 1) == 0 or (
+        # Dropout-1/6 run in training mode unless is_test is set (its default is 0).
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        training_attr = opset < 7 and node.attr("is_test", 0) == 0
+        if mask_used or training_attr or (
                 training is not None and not _is_false_constant(training)):
             return False
     out.replace_all_uses_with(src)
@@ -45,7 +48,7 @@ def _sweep(graph: Graph, model: Model, stats: dict[str, int]) -> None:
         if node.graph is not graph:
             continue
         if node.domain in ("", "ai.onnx") and node.op_type in ("Identity", "Dropout") \
-                and _bypass(node):
+                and _bypass(node, model):
             stats[f"{node.op_type.lower()}_removed"] += 1
         if _is_dead(node):
             graph.remove(node)

@@ -73,12 +73,16 @@ def test_output_folder_and_json(tmp_path, capsys):
     (["{d}/bad_op.onnx", "-p", "dce"], "bad_op.onnx: the input model is invalid: graph 'g': node 'act' "
                                      "(NoSuchOp): no operator 'NoSuchOp' in opset 17"),
     (["info", "{d}/missing.onnx"], "missing.onnx: no such file"),
+    (["{d}/m.onnx", "-p", "dce", "--calib", "{d}/bad.npz"],
+     "bad.npz: input 'x' dim 1 is 7, the model expects 4 (input shape ['N',4])"),
+    (["{d}/m.onnx", "-p", "dce", "--calib", "{d}/nothere"], "nothere"),
     (["compare", "{d}/m.onnx", "{d}/other_inputs.onnx"], "the models have different inputs"),
 ])
 def test_user_mistakes_give_one_line(tmp_path, capsys, args, expected):
     _write_model(tmp_path / "m.onnx")
     _write_model(tmp_path / "bad_op.onnx", op="NoSuchOp")
     (tmp_path / "junk.onnx").write_bytes(os.urandom(300))
+    np.savez(tmp_path / "bad.npz", x=np.zeros((5, 7), np.float32))
     other = onnx.load(tmp_path / "m.onnx")
     other.graph.input[0].name = "z"
     other.graph.node[0].input[0] = "z"
