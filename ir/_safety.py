@@ -8,9 +8,10 @@ is ever executed (no pickle, no eval).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ModelLoadError
 from ._types import DataType
@@ -18,7 +19,14 @@ from ._types import DataType
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["check_inline_tensor", "resolve_external_location", "same_file"]
+__all__ = [
+    "check_header",
+    "check_inline_tensor",
+    "check_model_proto",
+    "field_is_repeated",
+    "resolve_external_location",
+    "same_file",
+]
 
 # Which repeated TensorProto field carries the data of each element type when raw_data is
 # absent, and how many entries one element takes there.
@@ -125,3 +133,93 @@ def same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_model_proto(proto: onnx.ModelProto, label: str) -> None:
+    """Reject a parsed file that is not a usable ONNX model, before the importer sees it.
+
+    Protobuf parses many byte strings (random bytes, a file cut at a field boundary) into a
+    "valid" message, so this checks what every real model has: an IR version, a graph with
+    at least one output, opset imports (IR version 3 and later), and text fields that are
+    valid UTF-8 (protobuf hands invalid ones over as ``bytes``). It also checks the tensors of
+    model-local functions and training info, which the importer keeps as opaque messages.
+
+    Args:
+        proto: the parsed model.
+        label: the file name that starts every error message.
+
+    Raises:
+        ModelLoadError: the first problem found.
+    """
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise ModelLoadError(f"{label}: not an ONNX model (no IR version or no graph)")
+    if proto.ir_version >= 3 and not len(proto.opset_import):
+        raise ModelLoadError(f"{label}: not a valid ONNX model (IR version "
+                             f"{proto.ir_version} without opset imports)")
+    if not len(proto.graph.output):
+        raise ModelLoadError(f"{label}: not a usable ONNX model (the graph has no outputs)")
+    _walk_messages(proto, label)
+
+
+def field_is_repeated(fd: Any) -> bool:
+    """True for a repeated protobuf field (works across protobuf versions)."""
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 5.28; older ones have .label
+    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
+
+
+@functools.lru_cache(maxsize=None)
+def _fields_of(descriptor: Any) -> tuple[tuple[tuple[str, bool], ...],
+                                         tuple[tuple[str, bool], ...]]:
+    """(string fields, message fields) of a message type, each as (name, repeated)."""
+    strings = tuple((fd.name, field_is_repeated(fd)) for fd in descriptor.fields
+                    if fd.type == fd.TYPE_STRING)
+    messages = tuple((fd.name, field_is_repeated(fd)) for fd in descriptor.fields
+                     if fd.type == fd.TYPE_MESSAGE)
+    return strings, messages
+
+
+def _walk_messages(proto: onnx.ModelProto, label: str) -> None:
+    """Check every text field, and the tensors inside functions and training info.
+
+    Fields are read by name (never ``ListFields``), so ``bytes`` fields such as ``raw_data``
+    are not copied out of the message.
+    """
+    import onnx
+
+    stack: list[tuple[Any, str, str | None]] = [(proto, "model", None)]
+    while stack:
+        msg, path, opaque = stack.pop()
+        if opaque is not None and isinstance(msg, onnx.TensorProto):
+            _check_opaque_tensor(msg, f"{label}: {opaque}")
+        strings, messages = _fields_of(msg.DESCRIPTOR)
+        for name, rep in strings:
+            for text in (getattr(msg, name) if rep else (getattr(msg, name),)):
+                if not isinstance(text, str):
+                    raise ModelLoadError(f"{label}: text field {path}.{name} is not valid "
+                                         "UTF-8 (corrupt file)")
+        for name, rep in messages:
+            if not rep and not msg.HasField(name):
+                continue
+            where = opaque
+            if msg is proto and name in ("functions", "training_info"):
+                where = "model-local function" if name == "functions" else "training info"
+            for child in (getattr(msg, name) if rep else (getattr(msg, name),)):
+                child_where = where
+                if where is not None and msg is proto and name == "functions":
+                    child_where = f"{where} {child.name!r}"
+                stack.append((child, f"{path}.{name}", child_where))
+
+
+def _check_opaque_tensor(t: onnx.TensorProto, where: str) -> None:
+    """Tensors the importer keeps verbatim: sizes must hold, and no external data.
+
+    Their external data would be neither checked nor copied on save, so the saved model
+    would point at a file that is not there (or, from a hostile file, anywhere).
+    """
+    import onnx
+
+    what = f"{where}: tensor {t.name!r}" if t.name else f"{where}: tensor"
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        raise ModelLoadError(f"{what} uses external data, which is supported only for "
+                             "graph initializers and Constant nodes")
+    check_inline_tensor(t, what)
