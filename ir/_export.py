@@ -113,19 +113,34 @@ class ExternalWriter:
 
 
 class _Exporter:
-    def __init__(self, model: Model, external: ExternalWriter | None) -> None:
+    def __init__(self, model: Model, external: ExternalWriter | None,
+                 deferred: dict[str, Tensor] | None) -> None:
         self.model = model
         self.external = external
+        self.deferred = deferred
 
     def tensor(self, tensor: Tensor, name: str) -> onnx.TensorProto:
         if self.external is not None and self.external.wants(tensor):
             return self.external.write(tensor, name)
         return _to_tensor_proto(tensor, name)
 
+    def initializer(self, graph: Graph, tensor: Tensor, name: str) -> onnx.TensorProto:
+        """A main-graph initializer; a large inline one becomes a data-less stub when the
+        caller streams the file (see :func:`to_proto`), so its bytes are never copied."""
+        if self.deferred is not None and graph is self.model.graph and name \
+                and tensor.nbytes >= DEFER_BYTES and not (
+                    self.external is not None and self.external.wants(tensor)):
+            self.deferred[name] = tensor
+            stub = _set(onnx.TensorProto(), name=name, data_type=int(tensor.dtype))
+            stub.dims.extend(tensor.shape)
+            return stub
+        return self.tensor(tensor, name)
+
     def sparse(self, tensor: SparseTensor, name: str) -> onnx.SparseTensorProto:
         sp = onnx.SparseTensorProto(dims=tensor.shape)
         sp.values.CopyFrom(self.tensor(tensor.values, name))
-        sp.indices.CopyFrom(self.tensor(tensor.indices, ""))
+        # The indices keep their own name (usually empty); it is part of the file.
+        sp.indices.CopyFrom(self.tensor(tensor.indices, _tensor_name(tensor.indices)))
         return sp
 
     def graph(self, graph: Graph, g: onnx.GraphProto) -> None:
@@ -143,7 +158,7 @@ class _Exporter:
             elif isinstance(v.const_value, SparseTensor):
                 g.sparse_initializer.append(self.sparse(v.const_value, v.name))
             else:
-                g.initializer.append(self.tensor(v.const_value, v.name))
+                g.initializer.append(self.initializer(graph, v.const_value, v.name))
         for v in free_consts:
             g.node.append(onnx.helper.make_node(
                 "Constant", [], [v.name], value=_to_tensor_proto(v.const_value, "")))
@@ -155,6 +170,13 @@ class _Exporter:
             for out in node.outputs:
                 if id(out) not in listed and out.name and _has_info(out):
                     g.value_info.append(value_info(out))
+        for v in graph.initializers.values():
+            # Type information a file attached to a weight through value_info (some exporters
+            # annotate weights, Constant outputs often are) goes back there; weights a pass
+            # created have no type_proto and need no entry.
+            if id(v) not in listed and (v.type_proto is not None or v.doc_string
+                                        or v.metadata_props):
+                g.value_info.append(value_info(v))
         for tensor_name, entries in graph.quantization_annotations:
             ann = g.quantization_annotation.add(tensor_name=tensor_name)
             for key, val in entries:
@@ -264,14 +286,28 @@ def value_info(v: Value) -> onnx.ValueInfoProto:
     return vi
 
 
-def to_proto(model: Model, external: ExternalWriter | None = None) -> onnx.ModelProto:
+#: Inline main-graph initializers this large are deferred by a streaming writer.
+DEFER_BYTES = 4096
+
+
+def full_tensor_proto(tensor: Tensor, name: str) -> onnx.TensorProto:
+    """The complete inline TensorProto of a deferred initializer (built when it is written)."""
+    return _to_tensor_proto(tensor, name)
+
+
+def to_proto(model: Model, external: ExternalWriter | None = None,
+             deferred: dict[str, Tensor] | None = None) -> onnx.ModelProto:
     """Build the ModelProto of a model.
 
     Args:
         model: the model.
         external: where large tensors go; None writes every tensor inline.
+        deferred: if given, large inline initializers of the main graph are written as
+            data-less stubs and collected here by name; the caller (a streaming file writer)
+            must substitute :func:`full_tensor_proto` for each stub. The result is then NOT a
+            complete model by itself.
     """
-    exp = _Exporter(model, external)
+    exp = _Exporter(model, external, deferred)
     proto = _set(onnx.ModelProto(), ir_version=model.ir_version,
                  producer_name=model.producer_name, producer_version=model.producer_version,
                  domain=model.domain, model_version=model.model_version,

@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import onnx
 
 from ._errors import ModelLoadError
@@ -38,8 +39,9 @@ def parse_type(tp: onnx.TypeProto) -> tuple[DataType | None, tuple | None]:
     dims: list[Any] = []
     for d in tt.shape.dim:
         kind = d.WhichOneof("value")
-        dims.append(d.dim_value if kind == "dim_value" else d.dim_param if kind == "dim_param"
-                    else None)
+        # Some exporters (Paddle) write -1 for a dynamic dim: that is an unknown dim.
+        dims.append((d.dim_value if d.dim_value >= 0 else None) if kind == "dim_value"
+                    else d.dim_param if kind == "dim_param" else None)
     return dtype, tuple(dims)
 
 
@@ -122,9 +124,13 @@ class _Importer:
         if len(values.shape) != 1 or indices.shape not in ((nnz,), (nnz, len(dims))):
             raise ModelLoadError(f"{self.label}: {what}: sparse indices {list(indices.shape)} "
                                  f"do not match {nnz} values in shape {list(dims)}")
+        if indices.dtype != DataType.INT64:
+            raise ModelLoadError(f"{self.label}: {what}: sparse indices must be INT64, not "
+                                 f"{indices.dtype.name}")
         idx = indices.numpy()
-        limit = math.prod(dims) if idx.ndim == 1 else max(dims, default=0)
-        if idx.size and (idx.min() < 0 or idx.max() >= limit):
+        # Linear indices address the flattened tensor; coordinates are checked per axis.
+        limits = np.array([math.prod(dims)] if idx.ndim == 1 else dims, dtype=np.int64)
+        if idx.size and ((idx < 0).any() or (idx >= limits).any()):
             raise ModelLoadError(f"{self.label}: {what}: sparse index out of range")
         return SparseTensor(values, indices, dims)
 
@@ -154,7 +160,7 @@ class _Importer:
                 if v.name:
                     scope.define(v, f"{where}: node {n.name or n.op_type!r}")
             outputs.append(outs)
-        for n, outs in zip(g.node, outputs):
+        for n, outs in zip(g.node, outputs, strict=True):
             self.node(n, outs, graph, scope)
         for vi in g.output:
             value = scope.lookup(vi.name) if vi.name else None

@@ -173,9 +173,14 @@ class ExternalTensor(_TensorBase):
         if self.length == 0:
             raw = np.zeros(0, dtype=np.uint8)
         else:
+            # Map only this tensor's pages: mapping the whole file once per tensor would
+            # reserve (tensors x file size) of address space.
+            start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
             with open(self.path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            raw = np.frombuffer(mm, dtype=np.uint8, count=self.length, offset=self.offset)
+                mm = mmap.mmap(f.fileno(), self.offset + self.length - start,
+                               access=mmap.ACCESS_READ, offset=start)
+            raw = np.frombuffer(mm, dtype=np.uint8, count=self.length,
+                                offset=self.offset - start)
         return _decode_raw(raw, self._dtype, self._shape)
 
     def iter_bytes(self, chunk: int = 1 << 24):

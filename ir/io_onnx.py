@@ -20,12 +20,13 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ._errors import EdgeoptError, ModelLoadError
-from ._export import ExternalWriter, to_proto
+from ._export import ExternalWriter, full_tensor_proto, tensor_bytes, to_proto
 from ._graph import Model
 from ._import import from_proto
 from ._node import AttrType
 from ._safety import check_model_proto, field_is_repeated, same_file
-from ._tensor import ExternalTensor, SparseTensor, Tensor
+from ._tensor import ExternalTensor, ProtoTensor, SparseTensor, Tensor
+from ._types import DataType
 
 __all__ = ["PROTOBUF_LIMIT", "load", "load_proto", "save", "save_proto"]
 
@@ -360,8 +361,9 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             if writer.offset == 0:
                 txn.discard(data_path)  # nothing went external: no empty data file
         else:
-            proto = to_proto(model)
-        _write_proto(proto, path, txn)
+            deferred = {}  # large inline weights are serialized one at a time while writing
+            proto = to_proto(model, deferred=deferred)
+        _write_proto(proto, path, txn, deferred if not external_data else None)
         txn.commit()  # data first, then the model that points at it
     except OSError as e:
         raise EdgeoptError(f"{path}: cannot write the model ({e.strerror or e})") from e
@@ -386,14 +388,16 @@ def _check_destination(model: Model, path: str, data_path: str | None,
                                "data; save under another name")
 
 
-def _write_proto(proto: onnx.ModelProto, path: str, txn: _Transaction) -> None:
+def _write_proto(proto: onnx.ModelProto, path: str, txn: _Transaction,
+                 deferred: dict[str, Tensor] | None = None) -> None:
     """Serialize ``proto`` into a pending file for ``path``, one node or tensor at a time.
 
     ``SerializeToString`` would build the whole file in memory (and protobuf briefly needs
     twice that), holding every inline weight two or three times over. The output is the
-    same bytes, written in pieces.
+    same bytes, written in pieces. ``deferred`` holds the tensors of initializer stubs left
+    by ``to_proto(..., deferred=...)``: each is encoded only when it is written.
     """
-    plan = _plan(proto, _STREAMED_FIELDS)
+    plan = _plan(proto, _STREAMED_FIELDS, deferred or {})
     size = _plan_size(plan)
     if size > PROTOBUF_LIMIT:
         raise EdgeoptError(f"{path}: model too large to serialize inline ({size} bytes); "
@@ -412,7 +416,7 @@ _STREAMED_FIELDS: dict[str, dict] = {
 _Plan = list[Any]
 
 
-def _plan(msg: Any, streamed: dict[str, dict]) -> _Plan:
+def _plan(msg: Any, streamed: dict[str, dict], deferred: dict[str, Tensor]) -> _Plan:
     """The plan of ``msg``; elements of ``streamed`` fields are planned (or kept) separately."""
     skeleton = type(msg)()
     for fd in msg.DESCRIPTOR.fields:  # copy the small fields (proto2: presence is known)
@@ -434,11 +438,69 @@ def _plan(msg: Any, streamed: dict[str, dict]) -> _Plan:
         elems = value if field_is_repeated(fd) else [value] if msg.HasField(fd.name) else []
         header = _varint(fd.number << 3 | 2)
         for e in elems:
-            nested = _plan(e, streamed[fd.name]) if streamed[fd.name] else None
+            if fd.name == "initializer" and e.name in deferred:
+                piece = _deferred_piece(deferred[e.name], e.name)
+                plan.append((header, piece, None, piece.size))
+                continue
+            nested = _plan(e, streamed[fd.name], deferred) if streamed[fd.name] else None
             size = _plan_size(nested) if nested is not None else e.ByteSize()
             plan.append((header, e, nested, size))
     plan.extend(raw for _, raw in small)
     return plan
+
+
+class _DeferredTensor:
+    """An initializer encoded only while it is written.
+
+    Raw-data tensors are written as their small fields plus the raw bytes streamed from the
+    tensor itself (no TensorProto copy at all); tensors the file stored in typed fields
+    (float_data, strings) are re-encoded verbatim, one at a time.
+    """
+
+    _RAW_DATA = 9  # TensorProto.raw_data field number
+
+    def __init__(self, tensor: Tensor, name: str) -> None:
+        self.tensor, self.name = tensor, name
+        self.verbatim = tensor.dtype == DataType.STRING or (
+            isinstance(tensor, ProtoTensor) and not tensor.proto.HasField("raw_data"))
+        if self.verbatim:
+            self.size = full_tensor_proto(tensor, name).ByteSize()  # transient copy
+            return
+        stub = onnx.TensorProto(data_type=int(tensor.dtype))
+        stub.dims.extend(tensor.shape)
+        if name:
+            stub.name = name
+        if isinstance(tensor, ProtoTensor):
+            if tensor.proto.doc_string:
+                stub.doc_string = tensor.proto.doc_string
+            stub.metadata_props.extend(tensor.proto.metadata_props)
+        fields = _split_fields(stub.SerializeToString())  # protobuf's field order is kept
+        self.before = b"".join(raw for num, raw in fields if num < self._RAW_DATA)
+        self.after = b"".join(raw for num, raw in fields if num > self._RAW_DATA)
+        self.raw_header = _varint(self._RAW_DATA << 3 | 2) + _varint(tensor.nbytes)
+        self.size = len(self.before) + len(self.raw_header) + tensor.nbytes + len(self.after)
+
+    def write(self, write: Callable[[Any], Any]) -> None:
+        """Encode and write the tensor."""
+        if self.verbatim:
+            data = full_tensor_proto(self.tensor, self.name).SerializeToString()
+            if len(data) != self.size:
+                raise OSError(f"initializer {self.name!r} changed size while being written")
+            write(data)
+            return
+        write(self.before + self.raw_header)
+        written = 0
+        for block in tensor_bytes(self.tensor):
+            write(block)
+            written += len(block)
+        if written != self.tensor.nbytes:
+            raise OSError(f"initializer {self.name!r}: wrote {written} bytes, expected "
+                          f"{self.tensor.nbytes}")
+        write(self.after)
+
+
+def _deferred_piece(tensor: Tensor, name: str) -> _DeferredTensor:
+    return _DeferredTensor(tensor, name)
 
 
 def _number(fd: Any) -> int:
@@ -486,6 +548,8 @@ def _write_plan(plan: _Plan, write: Callable[[bytes], Any]) -> None:
         write(header + _varint(size))
         if nested is not None:
             _write_plan(nested, write)
+        elif isinstance(msg, _DeferredTensor):
+            msg.write(write)
         else:
             write(msg.SerializeToString())
 

@@ -67,8 +67,11 @@ def _infos(g: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
 
 
 def _merge_shape(old: tuple | None, new: tuple | None, refine: bool) -> tuple | None:
-    """Combine known and inferred dims: unknown dims (and, if ``refine``, symbols) take the
-    inferred value; static dims never change."""
+    """Combine known and inferred dims without weakening what is known.
+
+    Unknown dims (and, if ``refine``, symbolic ones) take the inferred value; static dims
+    never change, and neither does a shape whose rank inference disagrees with.
+    """
     if new is None:
         return old
     if old is None:
@@ -76,7 +79,7 @@ def _merge_shape(old: tuple | None, new: tuple | None, refine: bool) -> tuple | 
     if len(old) != len(new):
         return old
     return tuple(n if o is None or (refine and isinstance(o, str) and isinstance(n, int)) else o
-                 for o, n in zip(old, new))
+                 for o, n in zip(old, new, strict=True))
 
 
 def infer_shapes(model: Model, data_prop: bool = True, refine_symbolic: bool = False) -> int:
@@ -153,10 +156,9 @@ def static_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]]) -> di
             old: Any = declared[i] if declared is not None else None
             if isinstance(old, int) and old != d:
                 raise EdgeoptError(f"input {name!r} dim {i} is fixed at {old}, got {d}")
-            if isinstance(old, str):
-                if bindings.setdefault(old, d) != d:
-                    raise EdgeoptError(f"symbolic dim {old!r} bound to both {bindings[old]} "
-                                       f"and {d}")
+            if isinstance(old, str) and bindings.setdefault(old, d) != d:
+                raise EdgeoptError(f"symbolic dim {old!r} bound to both {bindings[old]} "
+                                   f"and {d}")
     for value in _all_values(model.graph):
         if value.shape is not None and any(isinstance(d, str) and d in bindings
                                            for d in value.shape):

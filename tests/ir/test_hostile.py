@@ -562,16 +562,11 @@ def test_sparse_coordinate_out_of_range_on_the_largest_axis(tmp_path):
     _load_error(path, r": sparse initializer 'W': sparse index out of range$", tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="_import.sparse_tensor checks 2-D indices against "
-                   "max(dims), not each axis: row 5 of a [2, 10] tensor is accepted and "
-                   "numpy() then raises ValueError")
 def test_sparse_coordinate_out_of_range_on_a_smaller_axis(tmp_path):
     path = _write(tmp_path / "m.onnx", _sparse_graph([1], [[5, 0]], [2, 10]))
     _load_error(path, r": sparse initializer 'W': sparse index out of range$", tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="_import.sparse_tensor accepts non-INT64 (float, NaN) "
-                   "indices; NaN passes the range check and numpy() raises IndexError")
 def test_sparse_indices_must_be_int64(tmp_path):
     path = _write(tmp_path / "m.onnx",
                   _sparse_graph([1, 2], np.array([0.0, np.nan], np.float32), [2, 3]))
