@@ -9,9 +9,9 @@ checked by :func:`verify`. ONNX files come in through :func:`load` and go out th
 from __future__ import annotations
 
 from ._errors import EdgeoptError, ModelLoadError, VerificationError
+from ._export import to_proto
 from ._graph import Graph, Model
 from ._import import from_proto
-from ._export import to_proto
 from ._node import Attr, AttrType, Node
 from ._tensor import (
     ArrayTensor,

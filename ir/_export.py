@@ -125,8 +125,10 @@ class _Exporter:
         return _to_tensor_proto(tensor, name)
 
     def initializer(self, graph: Graph, tensor: Tensor, name: str) -> onnx.TensorProto:
-        """A main-graph initializer; a large inline one becomes a data-less stub when the
-        caller streams the file (see :func:`to_proto`), so its bytes are never copied."""
+        """A main-graph initializer, or a data-less stub when the caller streams the file.
+
+        See :func:`to_proto`: a large inline tensor is then never copied into the proto.
+        """
         if self.deferred is not None and graph is self.model.graph and name \
                 and tensor.nbytes >= DEFER_BYTES and not (
                     self.external is not None and self.external.wants(tensor)):

@@ -167,7 +167,7 @@ def field_is_repeated(fd: Any) -> bool:
     return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fields_of(descriptor: Any) -> tuple[tuple[tuple[str, bool], ...],
                                          tuple[tuple[str, bool], ...]]:
     """(string fields, message fields) of a message type, each as (name, repeated)."""

@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = ["DataType", "Dim", "Shape", "format_shape", "shape_is_static"]
 
-Dim = Union[int, str, None]
+Dim = Union[int, str, None]  # noqa: UP007 - a runtime alias on Python 3.10
 Shape = tuple  # tuple[Dim, ...]; kept as a plain alias so that annotations stay readable
 
 

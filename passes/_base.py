@@ -19,7 +19,7 @@ from edgeopt.ir import EdgeoptError
 if TYPE_CHECKING:
     from edgeopt.ir import Model
 
-__all__ = ["Context", "OptionError", "PassError", "PassResult", "Preserved"]
+__all__ = ["CalibrationError", "Context", "OptionError", "PassError", "PassResult", "Preserved"]
 
 Preserved = frozenset[type] | Literal["all"]
 A = TypeVar("A")
@@ -38,6 +38,10 @@ def _freeze(value: Any) -> Any:
 
 class PassError(EdgeoptError):
     """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class CalibrationError(EdgeoptError):
+    """Calibration data is missing, unreadable, or does not fit the model's inputs."""
 
 
 class OptionError(EdgeoptError):

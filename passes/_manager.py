@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol
 from edgeopt.ir import EdgeoptError, Model, VerificationError, verify
 
 from ._base import Context, PassError, PassResult
-from ._pipeline import format_pipeline, parse_pipeline, resolve, Step
+from ._pipeline import Step, format_pipeline, parse_pipeline, resolve
 from ._registry import PassSpec
 
 __all__ = ["Instrument", "ModelStats", "PassManager", "PipelineReport", "StepReport",
@@ -101,28 +101,35 @@ class PipelineReport:
             rows.append((s.spec, "yes" if s.modified else "no",
                          f"{s.before.nodes}->{s.after.nodes}",
                          f"{s.before.params:,}->{s.after.params:,}",
-                         f"{_bytes(s.before.weight_bytes)}->{_bytes(s.after.weight_bytes)}",
+                         _arrow(human_bytes, s.before.weight_bytes, s.after.weight_bytes),
                          f"{s.seconds * 1e3:.1f}", stats or "-"))
         if self.before and self.after:
             rows.append(("total", "yes" if self.modified else "no",
                          f"{self.before.nodes}->{self.after.nodes}",
                          f"{self.before.params:,}->{self.after.params:,}",
-                         f"{_bytes(self.before.weight_bytes)}->{_bytes(self.after.weight_bytes)}",
+                         _arrow(human_bytes, self.before.weight_bytes,
+                                self.after.weight_bytes),
                          f"{self.seconds * 1e3:.1f}", ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _arrow(fmt: Any, before: Any, after: Any) -> str:
+    return f"{fmt(before)}->{fmt(after)}"
 
 
 def _num(v: int | float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'`` (reports and the command line share this)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
 

@@ -48,9 +48,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            if type(None) in get_args(tp):
-                return None
+        if (value is None or (isinstance(value, str) and value.lower() == "none")) \
+                and type(None) in get_args(tp):
+            return None
         errors = []
         for arg in args:
             try:

@@ -229,7 +229,7 @@ def _median_ms(sess: Any, feeds: dict, runs: int) -> float:
 def compare_outputs(ya: list[np.ndarray], yb: list[np.ndarray]) -> list[dict[str, Any]]:
     """Per-output max abs error, cosine similarity and (for [N, C] outputs) top-1 agreement."""
     rows = []
-    for i, (a, b) in enumerate(zip(ya, yb)):
+    for i, (a, b) in enumerate(zip(ya, yb, strict=True)):
         a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
         denom = np.linalg.norm(a64) * np.linalg.norm(b64)
         row = {"output": i, "max_abs_error": float(np.max(np.abs(a64 - b64))) if a.size else 0.0,

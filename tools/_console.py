@@ -7,16 +7,9 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from edgeopt.passes._manager import human_bytes
+
 __all__ = ["Console", "format_table", "human_bytes"]
-
-
-def human_bytes(n: float) -> str:
-    """``1536 -> '1.5 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str],
@@ -27,7 +20,7 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str],
 
     def line(r: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
 
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths),
                       *(line(r) for r in cells[1:])])

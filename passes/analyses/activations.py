@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError, Model
 

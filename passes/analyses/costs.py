@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from edgeopt.ir import Model, Node, Value, infer_shapes, static_shapes
 
-__all__ = ["LayerCost", "MAC_RULES", "layer_costs", "bind_batch"]
+__all__ = ["MAC_RULES", "LayerCost", "bind_batch", "layer_costs"]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def _write_model(path, op="Relu", domain=""):
 
 
 def _one_error_line(capsys, code, expected):
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert code == 2
     lines = err.strip().splitlines()
     errors = [line for line in lines if line.startswith("edgeopt: error: ")]
@@ -70,8 +70,9 @@ def test_output_folder_and_json(tmp_path, capsys):
                                         "available yet"),
     (["{d}/m.onnx", "-p", "dce", "-o", "{d}/m.onnx"], "output would overwrite the input"),
     (["{d}/junk.onnx", "-p", "dce"], "junk.onnx: not a"),
-    (["{d}/bad_op.onnx", "-p", "dce"], "bad_op.onnx: the input model is invalid: graph 'g': node 'act' "
-                                     "(NoSuchOp): no operator 'NoSuchOp' in opset 17"),
+    (["{d}/bad_op.onnx", "-p", "dce"],
+     "bad_op.onnx: the input model is invalid: graph 'g': node 'act' (NoSuchOp): no operator "
+     "'NoSuchOp' in opset 17"),
     (["info", "{d}/missing.onnx"], "missing.onnx: no such file"),
     (["{d}/m.onnx", "-p", "dce", "--calib", "{d}/bad.npz"],
      "bad.npz: input 'x' dim 1 is 7, the model expects 4 (input shape ['N',4])"),

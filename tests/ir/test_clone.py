@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import parse_model
+from onnx.reference import ReferenceEvaluator
+
 from edgeopt import ir
 from edgeopt.ir import Use
-from onnx.reference import ReferenceEvaluator
 
 IF_LOOP = """<ir_version: 9, opset_import: ["" : 17]>
 g (bool c, int64 n, float[2] x) => (float[2] y, float[2] z) <float[2] w = {1.0, -2.0}> {

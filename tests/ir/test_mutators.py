@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 from conftest import parse_model
+
 from edgeopt import ir
 from edgeopt.ir import Use
 

@@ -28,15 +28,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import edgeopt
 import numpy as np
 import onnx
 import onnx.checker
 import pytest
 from conftest import ONNX_TEST_DATA, ORT_CANNOT
-from edgeopt import ir
 from onnx import numpy_helper
 from onnx.backend.test.runner import Runner
+
+import edgeopt
+from edgeopt import ir
 
 pytestmark = pytest.mark.slow
 

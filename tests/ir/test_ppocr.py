@@ -7,11 +7,12 @@ import functools
 import os
 from typing import Any
 
-import edgeopt
 import numpy as np
 import onnx
 import onnx.checker
 import pytest
+
+import edgeopt
 from edgeopt import ir
 
 pytestmark = pytest.mark.slow

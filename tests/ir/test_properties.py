@@ -22,11 +22,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from conftest import run_ort
-from edgeopt import ir
-from edgeopt.ir import Use
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx.reference import ReferenceEvaluator
+
+from edgeopt import ir
+from edgeopt.ir import Use
 
 FLOAT = ir.DataType.FLOAT
 OPS = ("Add", "Mul", "Relu", "Identity", "Concat", "If")

@@ -13,17 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import edgeopt
 import numpy as np
 import onnx
 import onnx.checker
 import onnx.parser
 import pytest
-from edgeopt import ir
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 from test_peer_suite import all_cases, original_file, original_proto
+
+import edgeopt
+from edgeopt import ir
 
 FLOAT = TensorProto.FLOAT
 

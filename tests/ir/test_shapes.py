@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import parse_model, run_ort
+
 from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError
 

@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pytest
 from conftest import ONNX_TEST_DATA, parse_model
+
 from edgeopt import ir
 from edgeopt.ir import Use
 

@@ -9,14 +9,15 @@ import numpy as np
 import onnx
 import pytest
 from conftest import parse_model
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
 from edgeopt import ir
 from edgeopt.ir import EdgeoptError
 from edgeopt.passes import Context, PassManager, PassResult, register_pass, unregister_pass
 from edgeopt.passes.analyses import Activations, ValueStats
 from edgeopt.passes.analyses.activations import _GrowingHistogram
 from edgeopt.passes.calib import CalibrationData, CalibrationError, load_calibration
-from onnx import TensorProto, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
 SAMPLES = 10
 #: Bytes per sample of the Conv, Relu and Flatten outputs (4 x 8 x 8 float32).

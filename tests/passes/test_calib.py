@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import ONNX_TEST_DATA, parse_model, run_ort
+from onnx import numpy_helper
+
 from edgeopt import ir
 from edgeopt.ir import EdgeoptError
 from edgeopt.passes.calib import (
@@ -21,7 +23,6 @@ from edgeopt.passes.calib import (
     parse_preprocess,
     random_calibration,
 )
-from onnx import numpy_helper
 
 IMAGE_MODEL = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,3,8,8] x) => (float[N,3,8,8] y) { y = Relu(x) }"""

@@ -56,7 +56,7 @@ def temp_passes():
 
 def test_duplicate_name_is_an_error(temp_passes):
     temp_passes("t.dup")(lambda m, c: PassResult(False))
-    with pytest.raises(ValueError, match="pass 't.dup' is already registered"):
+    with pytest.raises(ValueError, match=r"pass 't\.dup' is already registered"):
         register_pass("t.dup")(lambda m, c: PassResult(False))
 
 
@@ -69,7 +69,7 @@ def test_bad_names_and_primary_rejected():
 
 def test_options_are_coerced_from_type_hints(temp_passes):
     temp_passes("t.opts", options=DemoOptions, primary="ratio")(lambda m, c, o: PassResult(False))
-    [(spec, opts)] = resolve(parse_pipeline(
+    [(_, opts)] = resolve(parse_pipeline(
         "t.opts:0.25,steps=3,flag=yes,mode=b,names=conv1|conv2"))
     assert opts == DemoOptions(0.25, 3, True, "b", ("conv1", "conv2"))
 
@@ -151,7 +151,7 @@ def test_manager_catches_a_pass_that_lies(temp_passes):
         model.graph.add_initializer("junk", ir.ArrayTensor([1.0]))
         return PassResult(modified=False)
 
-    with pytest.raises(PassError, match="pass 't.liar' reported modified=False but changed"):
+    with pytest.raises(PassError, match=r"pass 't\.liar' reported modified=False but changed"):
         PassManager("dce,t.liar").run(parse_model(MODEL))
 
 
@@ -186,7 +186,8 @@ def test_verify_each_catches_a_broken_model(temp_passes):
         first.set_input(0, second.outputs[0])
         return PassResult(modified=True)
 
-    with pytest.raises(PassError, match="pass 't.breaker' .*left an invalid model: .*used before it is defined"):
+    with pytest.raises(PassError, match=r"pass 't\.breaker' .*left an invalid "
+                                        r"model: .*used before it is defined"):
         PassManager("t.breaker", verify="each").run(parse_model(MODEL))
     with pytest.raises(PassError, match="left an invalid model"):
         PassManager("t.breaker", verify="end").run(parse_model(MODEL))

@@ -45,7 +45,6 @@ def generate(folder: str, total_bytes: int, n_weights: int = 8, seed: int = 0,
     Returns:
         ``{"model": path, "weight_bytes": int, "dim": K, "n_weights": n}``.
     """
-    import onnx
     from onnx import TensorProto, helper
 
     dim = max(1, math.isqrt(total_bytes // (4 * n_weights)))
