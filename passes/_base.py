@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 from edgeopt.ir import EdgeoptError
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CalibrationError", "Context", "OptionError", "PassError", "PassResult", "Preserved"]
 
-Preserved = frozenset[type] | Literal["all"]
+Preserved = Union[frozenset, Literal["all"]]  # noqa: UP007 - evaluated at runtime
 A = TypeVar("A")
 
 
