@@ -15,6 +15,12 @@ Pipelines are run by :class:`PassManager` (``"prune:0.6,dce"`` spec strings).
 
 from __future__ import annotations
 
+# Built-in passes register themselves on import.
+from . import dce as _dce  # noqa: F401
+from . import fold_affine as _fold_affine  # noqa: F401
+from . import fold_bn as _fold_bn  # noqa: F401
+from . import fold_constants as _fold_constants  # noqa: F401
+from . import simplify as _simplify  # noqa: F401
 from ._base import Context, OptionError, PassError, PassResult
 from ._manager import (
     Instrument,
@@ -27,12 +33,6 @@ from ._manager import (
 )
 from ._pipeline import Step, format_pipeline, parse_pipeline, resolve
 from ._registry import PassSpec, get_pass, list_passes, plugins, register_pass, unregister_pass
-
-# Built-in passes register themselves on import.
-from . import dce as _dce  # noqa: E402,F401
-from . import fold_bn as _fold_bn  # noqa: E402,F401
-from . import fold_constants as _fold_constants  # noqa: E402,F401
-from . import simplify as _simplify  # noqa: E402,F401
 
 __all__ = [
     "Context",

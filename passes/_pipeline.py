@@ -19,7 +19,7 @@ from ._base import OptionError
 from ._options import build_options
 from ._registry import PassSpec, get_pass
 
-__all__ = ["Step", "format_pipeline", "parse_pipeline", "resolve", "load_pipeline_file"]
+__all__ = ["Step", "format_pipeline", "load_pipeline_file", "parse_pipeline", "resolve"]
 
 _OPTION = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.S)
 _PASS = re.compile(r"^([a-z][a-z0-9_-]*(?:\.[a-z][a-z0-9_-]*)*)(?::(.*))?$", re.S)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeopt.ir import ArrayTensor, DataType, Graph, Model, Node, Tensor, Value
+from edgeopt.ir import ArrayTensor, DataType, Graph, LazyTensor, Model, Node, Tensor, Value
 
 if TYPE_CHECKING:
     from edgeopt.ir import Shape
@@ -27,6 +27,7 @@ __all__ = [
     "graphs",
     "is_default_domain",
     "replace_constant_input",
+    "scaled_tensor",
     "substitute",
 ]
 
@@ -156,6 +157,28 @@ def as_tensor(array: np.ndarray, dtype: DataType | None = None) -> ArrayTensor:
     arr = np.asarray(array)
     arr.flags.writeable = False
     return ArrayTensor(arr, dtype)
+
+
+def scaled_tensor(w: Tensor, factor: np.ndarray, view: tuple[int, ...],
+                  fshape: tuple[int, ...]) -> LazyTensor:
+    """``w`` viewed as ``view`` times ``factor`` reshaped to ``fshape``, in float64, cast back.
+
+    The product is computed only when the data is needed (export, a numeric check), so
+    rescaling a large weight costs nothing until then; ``w`` itself is never changed.
+
+    Args:
+        w: the tensor to scale (any float type).
+        factor: the factors (float64), as many as ``fshape`` holds.
+        view: a shape ``w`` is reshaped to for the product (``-1`` allowed once).
+        fshape: the shape ``factor`` takes so that it broadcasts against ``view``.
+    """
+    factor = np.asarray(factor, dtype=np.float64).reshape(fshape)
+
+    def compute() -> np.ndarray:
+        arr = np.asarray(w.numpy(), dtype=np.float64).reshape(view)
+        return (arr * factor).reshape(w.shape).astype(w.dtype.numpy())
+
+    return LazyTensor(compute, w.dtype, w.shape)
 
 
 class ShapeOracle:

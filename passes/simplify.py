@@ -1,4 +1,4 @@
-"""``simplify``: the canonical clean-up, a fixpoint of constant folding, BN folding and DCE."""
+"""``simplify``: the canonical clean-up, a fixpoint of constant, BN and affine folding and DCE."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from edgeopt.ir import Model
 
 from . import dce as _dce
+from . import fold_affine as _fold_affine
 from . import fold_bn as _fold_bn
 from . import fold_constants as _fold_constants
 from ._base import Context, PassResult
@@ -23,8 +24,11 @@ class SimplifyOptions:
     Attributes:
         max_bytes: ``fold-constants`` cap on materialized evaluation results.
         max_lazy_bytes: ``fold-constants`` cap on lazy results (``ConstantOfShape``).
-        forward: ``fold-bn`` may fold into the Convs after a BatchNormalization.
+        forward: ``fold-bn`` and ``fold-affine`` may fold into the Convs that read a
+            BatchNormalization or a Mul/Add chain.
         decompose: ``fold-bn`` turns the BatchNormalizations it cannot fold into Mul + Add.
+        affine: run ``fold-affine`` (per-channel Mul/Add/Sub/Div folded into Conv, Gemm and
+            MatMul weights, chains merged).
         max_iterations: bound on the rounds of the fixpoint.
     """
 
@@ -32,6 +36,7 @@ class SimplifyOptions:
     max_lazy_bytes: int = _fold_constants.FoldConstantsOptions.max_lazy_bytes
     forward: bool = True
     decompose: bool = True
+    affine: bool = True
     max_iterations: int = 10
 
     def validate(self) -> None:
@@ -48,14 +53,18 @@ _REMAINING = frozenset({"too_large", "eval_failed", "bn_kept"})
 
 @register_pass("simplify", options=SimplifyOptions)
 def simplify(model: Model, ctx: Context, opts: SimplifyOptions) -> PassResult:
-    """Run fold-constants, fold-bn and dce until none of them changes the model.
+    """Run fold-constants, fold-bn, fold-affine and dce until none of them changes the model.
 
-    A nested :class:`PassManager` with ``until_fixed=True`` runs the three passes in rounds
+    A nested :class:`PassManager` with ``until_fixed=True`` runs the four passes in rounds
     and stops after a round that changed nothing (or after ``max_iterations`` rounds). Inside
     the fixpoint, ``fold-bn`` only folds; BatchNormalizations that are still left are then
-    decomposed into Mul + Add (option ``decompose``) by one last ``fold-bn, dce``. Decomposing
-    only at the end matters: a BatchNormalization that becomes foldable in a later round (say
-    once ``dce`` has bypassed an Identity between it and its Conv) is folded, not decomposed.
+    decomposed into Mul + Add (option ``decompose``) by one last ``fold-bn, fold-affine,
+    dce``. Decomposing only at the end matters: a BatchNormalization that becomes foldable in
+    a later round (say once ``dce`` has bypassed an Identity between it and its Conv) is
+    folded, not decomposed. The last ``fold-affine`` then merges the Mul + Add of a split
+    BatchNormalization with the Mul/Add chain around it (or folds it after all), so a
+    BatchNormalization followed by a Caffe-style scale costs two nodes, not four.
+    ``fold-affine`` is left out with ``affine=false``.
 
     Stats: the inner passes' counters summed over all rounds, except the ones that describe
     what is left (``too_large``, ``eval_failed``, ``bn_kept``), which come from the last run;
@@ -64,18 +73,21 @@ def simplify(model: Model, ctx: Context, opts: SimplifyOptions) -> PassResult:
     truthfully.
 
     Requires: a topologically sorted graph. Preserves: nothing when it modifies; outputs equal
-    up to the float rounding of ``fold-bn``.
+    up to the float rounding of ``fold-bn`` and ``fold-affine``.
     """
     fold = _fold_constants.FoldConstantsOptions(opts.max_bytes, opts.max_lazy_bytes)
-    fixpoint = PassManager([(_fold_constants.fold_constants, fold),
-                            (_fold_bn.fold_bn, _fold_bn.FoldBnOptions(opts.forward, False)),
-                            (_dce.dce, None)],
-                           verify="none", until_fixed=True, max_iterations=opts.max_iterations)
+    affine = [(_fold_affine.fold_affine, _fold_affine.FoldAffineOptions(forward=opts.forward))
+              ] if opts.affine else []
+    steps = [(_fold_constants.fold_constants, fold),
+             (_fold_bn.fold_bn, _fold_bn.FoldBnOptions(opts.forward, False)),
+             *affine, (_dce.dce, None)]
+    fixpoint = PassManager(steps, verify="none", until_fixed=True,
+                           max_iterations=opts.max_iterations)
     reports = [fixpoint.run(model, ctx)]
-    rounds = len(reports[0].steps) // 3
+    rounds = len(reports[0].steps) // len(steps)
     if opts.decompose:
         final = PassManager([(_fold_bn.fold_bn, _fold_bn.FoldBnOptions(opts.forward, True)),
-                             (_dce.dce, None)], verify="none")
+                             *affine, (_dce.dce, None)], verify="none")
         reports.append(final.run(model, ctx))
     stats: dict[str, int | float] = {"rounds": rounds}
     for step in (s for r in reports for s in r.steps):

@@ -12,11 +12,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import edgeopt
 import numpy as np
 import onnx
 import pytest
 from conftest import run_ort
+
+import edgeopt
 from edgeopt import ir
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"

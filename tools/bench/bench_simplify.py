@@ -5,6 +5,8 @@ the same loaded ``ModelProto``:
 
 - edgeopt: ``ir.from_proto`` + ``PassManager("simplify")`` (verifying at the end, as the CLI
   does) + ``ir.to_proto``;
+- edgeopt-noaffine (only when asked for with ``--tools``): the same with
+  ``simplify,affine=false``, i.e. without ``fold-affine``, to show what that pass contributes;
 - onnxsim: ``onnxsim.simplify(proto)`` (its defaults: constant folding, shape inference, its
   onnxoptimizer pass list, no output check);
 - onnxoptimizer: ``onnxoptimizer.optimize(proto, passes)`` with its default pass list
@@ -22,6 +24,7 @@ benchmark only (``pip install onnxsim onnxoptimizer``).
 Usage::
 
     python tools/bench/bench_simplify.py [--models resnet50,vgg19] [--repeat 3] [--json out.json]
+        [--tools edgeopt,edgeopt-noaffine,onnxsim,onnxoptimizer]
 """
 
 from __future__ import annotations
@@ -43,15 +46,20 @@ LIGHT = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet5
 DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 
 
-def run_edgeopt(proto: onnx.ModelProto) -> onnx.ModelProto:
+def run_edgeopt(proto: onnx.ModelProto, spec: str = "simplify") -> onnx.ModelProto:
     """edgeopt: import, ``simplify``, export (all in memory)."""
     import edgeopt.passes.simplify  # noqa: F401
     from edgeopt import ir
     from edgeopt.passes import PassManager
 
     model = ir.from_proto(proto)
-    PassManager("simplify", verify="end").run(model)
+    PassManager(spec, verify="end").run(model)
     return ir.to_proto(model)
+
+
+def run_edgeopt_noaffine(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """edgeopt's ``simplify`` without ``fold-affine``."""
+    return run_edgeopt(proto, "simplify,affine=false")
 
 
 def run_onnxsim(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -76,9 +84,12 @@ def run_onnxoptimizer(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 TOOLS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
     "edgeopt": run_edgeopt,
+    "edgeopt-noaffine": run_edgeopt_noaffine,
     "onnxsim": run_onnxsim,
     "onnxoptimizer": run_onnxoptimizer,
 }
+#: What runs without ``--tools``.
+DEFAULT_TOOLS = ["edgeopt", "onnxsim", "onnxoptimizer"]
 
 
 def versions() -> dict[str, str]:
@@ -201,7 +212,8 @@ def markdown(rows: list[dict[str, Any]], tools: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--models", default=",".join(LIGHT), help="comma-separated names")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated tools")
+    parser.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
+                        help=f"comma-separated tools, from {', '.join(TOOLS)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool; best is kept")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
