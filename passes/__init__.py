@@ -16,6 +16,7 @@ Pipelines are run by :class:`PassManager` (``"prune:0.6,dce"`` spec strings).
 from __future__ import annotations
 
 # Built-in passes register themselves on import.
+from . import cse as _cse  # noqa: F401
 from . import dce as _dce  # noqa: F401
 from . import fold_affine as _fold_affine  # noqa: F401
 from . import fold_bn as _fold_bn  # noqa: F401

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from edgeopt.ir import Model
 
+from . import cse as _cse
 from . import dce as _dce
 from . import fold_affine as _fold_affine
 from . import fold_bn as _fold_bn
@@ -29,6 +30,7 @@ class SimplifyOptions:
         decompose: ``fold-bn`` turns the BatchNormalizations it cannot fold into Mul + Add.
         affine: run ``fold-affine`` (per-channel Mul/Add/Sub/Div folded into Conv, Gemm and
             MatMul weights, chains merged).
+        cse: run ``cse`` (byte-identical constants and duplicate nodes merged).
         max_iterations: bound on the rounds of the fixpoint.
     """
 
@@ -37,6 +39,7 @@ class SimplifyOptions:
     forward: bool = True
     decompose: bool = True
     affine: bool = True
+    cse: bool = True
     max_iterations: int = 10
 
     def validate(self) -> None:
@@ -53,7 +56,7 @@ _REMAINING = frozenset({"too_large", "eval_failed", "bn_kept"})
 
 @register_pass("simplify", options=SimplifyOptions)
 def simplify(model: Model, ctx: Context, opts: SimplifyOptions) -> PassResult:
-    """Run fold-constants, fold-bn, fold-affine and dce until none of them changes the model.
+    """Run fold-constants, fold-bn, fold-affine, cse and dce until none changes the model.
 
     A nested :class:`PassManager` with ``until_fixed=True`` runs the four passes in rounds
     and stops after a round that changed nothing (or after ``max_iterations`` rounds). Inside
@@ -64,7 +67,7 @@ def simplify(model: Model, ctx: Context, opts: SimplifyOptions) -> PassResult:
     folded, not decomposed. The last ``fold-affine`` then merges the Mul + Add of a split
     BatchNormalization with the Mul/Add chain around it (or folds it after all), so a
     BatchNormalization followed by a Caffe-style scale costs two nodes, not four.
-    ``fold-affine`` is left out with ``affine=false``.
+    ``fold-affine`` is left out with ``affine=false``, ``cse`` with ``cse=false``.
 
     Stats: the inner passes' counters summed over all rounds, except the ones that describe
     what is left (``too_large``, ``eval_failed``, ``bn_kept``), which come from the last run;
@@ -78,16 +81,17 @@ def simplify(model: Model, ctx: Context, opts: SimplifyOptions) -> PassResult:
     fold = _fold_constants.FoldConstantsOptions(opts.max_bytes, opts.max_lazy_bytes)
     affine = [(_fold_affine.fold_affine, _fold_affine.FoldAffineOptions(forward=opts.forward))
               ] if opts.affine else []
+    cse = [(_cse.cse, _cse.CseOptions(opts.max_bytes))] if opts.cse else []
     steps = [(_fold_constants.fold_constants, fold),
              (_fold_bn.fold_bn, _fold_bn.FoldBnOptions(opts.forward, False)),
-             *affine, (_dce.dce, None)]
+             *affine, *cse, (_dce.dce, None)]
     fixpoint = PassManager(steps, verify="none", until_fixed=True,
                            max_iterations=opts.max_iterations)
     reports = [fixpoint.run(model, ctx)]
     rounds = len(reports[0].steps) // len(steps)
     if opts.decompose:
         final = PassManager([(_fold_bn.fold_bn, _fold_bn.FoldBnOptions(opts.forward, True)),
-                             *affine, (_dce.dce, None)], verify="none")
+                             *affine, *cse, (_dce.dce, None)], verify="none")
         reports.append(final.run(model, ctx))
     stats: dict[str, int | float] = {"rounds": rounds}
     for step in (s for r in reports for s in r.steps):
