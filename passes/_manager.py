@@ -194,10 +194,12 @@ class PassManager:
         ran: list[str] = []
         for _ in range(self.max_iterations if self.until_fixed else 1):
             changed = False
-            for spec, opts in self.steps:
+            for i, (spec, opts) in enumerate(self.steps):
+                ctx.progress(f"pass {spec.name}", i, len(self.steps))
                 step = self._run_one(spec, opts, model, ctx, ran)
                 report.steps.append(step)
                 changed |= step.modified
+            ctx.progress("pipeline", len(self.steps), len(self.steps))
             if not changed:
                 break
         if self.verify == "end" and report.modified:

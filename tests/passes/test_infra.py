@@ -266,3 +266,10 @@ def test_public_optimize_api():
     assert report.model is not model and len(model.graph) == 3 and len(report.model.graph) == 1
     report = edgeopt.optimize(model, "dce", verify="each")
     assert report.model is model and len(model.graph) == 1 and report.to_dict()["modified"]
+
+
+def test_progress_is_reported_per_pass():
+    calls = []
+    ctx = Context(progress=lambda desc, done, total: calls.append((desc, done, total)))
+    PassManager("dce,dce").run(parse_model(MODEL), ctx)
+    assert calls == [("pass dce", 0, 2), ("pass dce", 1, 2), ("pipeline", 2, 2)]
