@@ -53,10 +53,40 @@ def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[
     return sess.run(None, feeds)
 
 
+def build_model(text: str, weights: dict[str, np.ndarray], keep_inputs: bool = False) -> ir.Model:
+    """Parse ``text`` and turn the graph inputs named in ``weights`` into initializers.
+
+    ``keep_inputs`` leaves them listed as graph inputs too (the IR < 4 convention, or a
+    default value the caller may override for IR >= 4).
+    """
+    model = parse_model(text)
+    graph = model.graph
+    for name, arr in weights.items():
+        value = next(v for v in graph.inputs if v.name == name)
+        if not keep_inputs:
+            graph.inputs.remove(value)
+        value.const_value = ir.ArrayTensor(arr)
+        graph.initializers.add(value)
+    return model
+
+
+#: A Scan whose body reads an outer value (shared by the mutator and clone tests).
+SCAN_CAPTURE = """<ir_version: 9, opset_import: ["" : 17]>
+g (float[2] init, float[3,2] xs) => (float[2] last, float[3,2] ys) {
+  w = Relu(init)
+  last, ys = Scan(init, xs) <num_scan_inputs = 1,
+      body = body (float[2] s_in, float[2] x_i) => (float[2] s_out, float[2] y_i) {
+    s_out = Add(s_in, x_i)
+    y_i = Mul(s_out, w)
+  }>
+}"""
+
+
 @pytest.fixture
 def tmp_model_dir(tmp_path):
     """A fresh folder for written models."""
     return tmp_path
 
 
-__all__ = ["ONNX_TEST_DATA", "edgeopt", "parse_model", "random_inputs", "run_ort"]
+__all__ = ["ONNX_TEST_DATA", "SCAN_CAPTURE", "build_model", "edgeopt", "parse_model",
+           "random_inputs", "run_ort"]

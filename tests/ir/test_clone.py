@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import parse_model
+from conftest import SCAN_CAPTURE, parse_model
 from onnx.reference import ReferenceEvaluator
 
 from edgeopt import ir
@@ -27,15 +27,6 @@ g (bool c, int64 n, float[2] x) => (float[2] y, float[2] z) <float[2] w = {1.0, 
   }>
 }"""
 
-SCAN = """<ir_version: 9, opset_import: ["" : 17]>
-g (float[2] init, float[3,2] xs) => (float[2] last, float[3,2] ys) {
-  w = Relu(init)
-  last, ys = Scan(init, xs) <num_scan_inputs = 1,
-      body = body (float[2] s_in, float[2] x_i) => (float[2] s_out, float[2] y_i) {
-    s_out = Add(s_in, x_i)
-    y_i = Mul(s_out, w)
-  }>
-}"""
 
 CONV = """<ir_version: 8, opset_import: ["" : 13]>
 g (float[1,2,4,4] x) => (float[1,3,4,4] y) {
@@ -138,7 +129,7 @@ def test_clone_keeps_subgraph_captures_on_the_clone_values():
 
 
 def test_clone_of_scan_keeps_captures():
-    model = parse_model(SCAN)
+    model = parse_model(SCAN_CAPTURE)
     clone = model.clone()
     w = clone.graph.nodes[0].outputs[0]
     mul = next(n for n in clone.walk() if n.op_type == "Mul")
@@ -146,7 +137,7 @@ def test_clone_of_scan_keeps_captures():
     ir.verify(clone, "onnx")
 
 
-@pytest.mark.parametrize("text", [IF_LOOP, SCAN], ids=["if-loop", "scan"])
+@pytest.mark.parametrize("text", [IF_LOOP, SCAN_CAPTURE], ids=["if-loop", "scan"])
 def test_clone_round_trips_identically(text):
     model = parse_model(text)
     model.producer_name, model.doc_string = "tests", "a doc"

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import parse_model
+from conftest import SCAN_CAPTURE, parse_model
 
 from edgeopt import ir
 from edgeopt.ir import Use
@@ -44,15 +44,6 @@ g (int64 n, bool go, float[2] x) => (float[2] y) {
   }>
 }"""
 
-SCAN_CAPTURE = """<ir_version: 9, opset_import: ["" : 17]>
-g (float[2] init, float[3,2] xs) => (float[2] last, float[3,2] ys) {
-  w = Relu(init)
-  last, ys = Scan(init, xs) <num_scan_inputs = 1,
-      body = body (float[2] s_in, float[2] x_i) => (float[2] s_out, float[2] y_i) {
-    s_out = Add(s_in, x_i)
-    y_i = Mul(s_out, w)
-  }>
-}"""
 
 # Two levels of nesting: the inner If reads the main graph's `a`.
 NESTED_CAPTURE = """<ir_version: 9, opset_import: ["" : 17]>

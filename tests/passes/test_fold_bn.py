@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx.reference
 import pytest
+from conftest import build_model as build
 from conftest import parse_model, run_ort
 
 import edgeopt.passes.fold_bn  # noqa: F401  (registers the pass)
@@ -38,20 +39,6 @@ def assert_close(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
-def build(text: str, weights: dict[str, np.ndarray], keep_inputs: bool = False) -> ir.Model:
-    """Parse ``text`` and turn the graph inputs named in ``weights`` into initializers.
-
-    ``keep_inputs`` leaves them listed as graph inputs too (the IR < 4 convention).
-    """
-    model = parse_model(text)
-    graph = model.graph
-    for name, arr in weights.items():
-        value = next(v for v in graph.inputs if v.name == name)
-        if not keep_inputs:
-            graph.inputs.remove(value)
-        value.const_value = ir.ArrayTensor(arr)
-        graph.initializers.add(value)
-    return model
 
 
 def bn_params(rng: np.random.Generator, c: int, prefix: str = "") -> dict[str, np.ndarray]:
