@@ -1,0 +1,501 @@
+"""Recovery without retraining: the numerics the ``prune`` pass calls (issue 4, point 4).
+
+Pure numpy/scipy functions (nothing here touches the IR) for a *consumer*: a Gemm, MatMul or
+Conv whose input lost channels (only the input channels ``keep`` survive, ``removed`` go).
+:func:`bias_compensation` folds the removed channels' mean contribution into its bias;
+:func:`least_squares_refit` re-solves its weights over the kept channels to match the unpruned
+output on calibration data; :func:`reestimate_batchnorm` / :func:`match_batchnorm` give the
+statistics of a BatchNormalization after a pruned or refit layer.
+
+Layouts: a Gemm/MatMul weight is ``[in, out]`` (``layout="in_out"``: MatMul, Gemm transB=0) or
+``[out, in]`` (``"out_in"``: Gemm transB=1); a Conv weight is ``[out, in, *kernel]`` (group 1).
+Describe the consumer with :class:`LayerSpec`, usually ``LayerSpec.from_onnx(op_type, attrs)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import scipy.linalg
+
+__all__ = ["LayerSpec", "bias_compensation", "im2col", "least_squares_refit",
+           "match_batchnorm", "reestimate_batchnorm"]
+
+Layout = Literal["in_out", "out_in"]
+Rows = Callable[[np.ndarray], np.ndarray]  # row indices -> float64 design rows
+#: Elements of float64 design-matrix data built at once (bounds memory; ~64 MB).
+CHUNK_ELEMS = 1 << 23
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the consumer computes, besides its weight and bias.
+
+    Attributes:
+        kind: ``"gemm"`` (Gemm or MatMul: features on the last input axis) or ``"conv"``
+            (channels on axis 1).
+        layout: weight layout of a gemm, ``"in_out"`` or ``"out_in"``.
+        strides, pads, dilations: Conv attributes (ONNX order; None = defaults).
+            ``pads`` is ``[x1_begin, x2_begin, ..., x1_end, x2_end]``.
+        auto_pad: ``NOTSET``, ``VALID``, ``SAME_UPPER`` or ``SAME_LOWER``.
+        group: Conv groups; only 1 is supported. A depthwise consumer needs no recovery: its
+            input channels are its output channels, so the prune pass removes them in the
+            producer's channel group and nothing downstream of them survives to compensate.
+    """
+
+    kind: Literal["gemm", "conv"]
+    layout: Layout = "in_out"
+    strides: tuple[int, ...] | None = None
+    pads: tuple[int, ...] | None = None
+    dilations: tuple[int, ...] | None = None
+    auto_pad: str = "NOTSET"
+    group: int = 1
+
+    @classmethod
+    def from_onnx(cls, op_type: str, attrs: Mapping[str, Any]) -> LayerSpec:
+        """The spec of an ONNX ``Gemm``, ``MatMul`` or ``Conv`` from its attributes.
+
+        Args:
+            op_type: the node's op type.
+            attrs: attribute name -> value (raw values or objects with a ``.value``,
+                such as ``node.attrs`` of the IR).
+
+        Raises:
+            ValueError: another op type, Gemm with ``transA`` or ``alpha``/``beta`` != 1
+                (fold them into the weight and bias first), or Conv with ``group`` != 1.
+        """
+        a = {k: getattr(v, "value", v) for k, v in attrs.items()}
+        if op_type == "MatMul":
+            return cls("gemm")
+        if op_type == "Gemm":
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                raise ValueError("recovery needs Gemm with transA=0 and alpha=beta=1")
+            return cls("gemm", "out_in" if a.get("transB", 0) else "in_out")
+        if op_type != "Conv":
+            raise ValueError(f"recovery supports Gemm, MatMul and Conv consumers, not {op_type}")
+        pad = a.get("auto_pad", "NOTSET")
+        spec = cls("conv", strides=_tuple(a.get("strides")), pads=_tuple(a.get("pads")),
+                   dilations=_tuple(a.get("dilations")), group=int(a.get("group", 1)),
+                   auto_pad=pad.decode() if isinstance(pad, bytes) else str(pad))
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Raise ValueError if the spec is outside what this module supports."""
+        if self.kind == "conv" and self.layout != "in_out":
+            raise ValueError("a Conv weight is [out, in, *kernel]: leave layout='in_out'")
+        if self.kind == "conv" and self.group != 1:
+            raise ValueError(f"recovery supports Conv with group=1 only, not group={self.group} "
+                             "(a depthwise consumer is pruned with its producer's group)")
+        if self.auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+            raise ValueError(f"unknown auto_pad {self.auto_pad!r}")
+
+    def conv_geometry(self, spatial: Sequence[int], kernel: Sequence[int]
+                      ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """``(strides, dilations, pads_begin, pads_end)`` for an input of size ``spatial``."""
+        d = len(kernel)
+        strides = list(self.strides or [1] * d)
+        dil = list(self.dilations or [1] * d)
+        pads = list(self.pads or [0] * (2 * d))
+        begin, end = pads[:d], pads[d:]
+        if self.auto_pad.startswith("SAME"):
+            for i in range(d):
+                out = -(-spatial[i] // strides[i])
+                total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial[i])
+                small, big = total // 2, total - total // 2
+                begin[i], end[i] = (small, big) if self.auto_pad == "SAME_UPPER" else (big, small)
+        elif self.auto_pad == "VALID":
+            begin, end = [0] * d, [0] * d
+        return strides, dil, begin, end
+
+
+def _tuple(v: Any) -> tuple[int, ...] | None:
+    return None if v is None else tuple(int(i) for i in v)
+
+
+# -- im2col ------------------------------------------------------------------------------------
+def _patch_view(x: np.ndarray, kernel: Sequence[int], spec: LayerSpec) -> np.ndarray:
+    """A read-only strided view ``[N, C, *out, *kernel]`` of the zero-padded input."""
+    d = len(kernel)
+    strides, dil, begin, end = spec.conv_geometry(x.shape[2:], kernel)
+    if any(begin) or any(end):
+        x = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)])
+    out = [(x.shape[2 + i] - (kernel[i] - 1) * dil[i] - 1) // strides[i] + 1 for i in range(d)]
+    if min(out, default=1) < 1:
+        raise ValueError(f"Conv input {x.shape[2:]} (padded) is smaller than the kernel")
+    s = x.strides
+    view_strides = (s[0], s[1], *(s[2 + i] * strides[i] for i in range(d)),
+                    *(s[2 + i] * dil[i] for i in range(d)))
+    return np.lib.stride_tricks.as_strided(x, (*x.shape[:2], *out, *kernel), view_strides,
+                                           writeable=False)
+
+
+def _gather_patches(view: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows ``[len(rows), C * prod(kernel)]`` of the im2col matrix (flat (n, *out) indices)."""
+    d = (view.ndim - 2) // 2
+    idx = np.unravel_index(rows, (view.shape[0], *view.shape[2:2 + d]))
+    # Advanced indices split by a slice: numpy puts the row axis first -> [rows, C, *kernel].
+    patches = view[(idx[0], slice(None), *idx[1:])]
+    return patches.reshape(len(rows), view.shape[1] * math.prod(view.shape[2 + d:]))
+
+
+def im2col(x: np.ndarray, kernel_shape: Sequence[int], spec: LayerSpec) -> np.ndarray:
+    """The im2col matrix of a Conv input ``x`` ``[N, C, *spatial]`` (group 1).
+
+    Returns:
+        ``[N * prod(out), C * prod(kernel)]``, rows ordered ``(n, *out)``, columns
+        ``(c, *kernel)``: ``im2col(x) @ W.reshape(M, -1).T`` is the Conv output, channels last.
+    """
+    view = _patch_view(np.asarray(x), kernel_shape, spec)
+    d = len(kernel_shape)
+    # Move C after the output positions; the one copy happens in reshape.
+    order = (0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+    rows = view.shape[0] * math.prod(view.shape[2:2 + d])
+    return view.transpose(order).reshape(rows, -1)
+
+
+# -- bias compensation -------------------------------------------------------------------------
+def bias_compensation(weight: np.ndarray, bias: np.ndarray | None, removed: Sequence[int],
+                      channel_means: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """The consumer bias that absorbs the mean contribution of its removed input channels.
+
+    Gemm/MatMul: ``bias + W[removed]^T @ mean[removed]`` (``[in, out]`` layout). Conv with
+    per-channel means ``[C]``: ``bias + sum_{kernel} W[:, removed] * mean[removed]``; this is
+    exact for removed channels constant over space only when the Conv has no zero padding
+    (at the borders, padded taps see 0, not the mean). Conv with per-position means
+    ``[C, *spatial]`` (e.g. ``x.mean(axis=0)``): the removed means are convolved with
+    ``W[:, removed]`` including the padding, giving an exact *bias map* ``[out, *out_spatial]``
+    to add after the Conv (its mean over positions is the best constant bias).
+
+    Args:
+        weight: the consumer's full weight (before slicing).
+        bias: its bias (any shape broadcastable to ``[out]``), or None for zeros.
+        removed: input channel (feature) indices being removed.
+        channel_means: mean of every input channel, ``[C]``, or ``[C, *spatial]`` for Conv.
+        spec: the consumer (see :class:`LayerSpec`).
+
+    Returns:
+        ``[out]`` (or ``[out, *out_spatial]``) in the weight's float dtype.
+    """
+    spec.check()
+    w = np.asarray(weight, np.float64)
+    means = np.asarray(channel_means, np.float64)
+    removed = np.asarray(removed, np.int64)
+    w = w.T if spec.layout == "out_in" else w
+    n_in = w.shape[1] if spec.kind == "conv" else w.shape[0]
+    if means.shape[0] != n_in:
+        raise ValueError(f"channel_means has {means.shape[0]} channels, the weight reads {n_in}")
+    if spec.kind == "gemm":
+        delta = w[removed].T @ means[removed]
+        n_out = w.shape[1]
+    else:
+        n_out = w.shape[0]
+        wr = w[:, removed]
+        if means.ndim == 1:
+            delta = wr.reshape(n_out, len(removed), -1).sum(axis=2) @ means[removed]
+        else:
+            view = _patch_view(means[removed][None], w.shape[2:], spec)
+            cols = _gather_patches(view, np.arange(math.prod(view.shape[2:2 + w.ndim - 2])))
+            delta = (cols @ wr.reshape(n_out, -1).T).T.reshape(n_out, *view.shape[2:w.ndim])
+    b = np.zeros(n_out) if bias is None else \
+        np.broadcast_to(np.asarray(bias, np.float64).ravel(), n_out)  # Gemm C may be [1, out]
+    b = b.reshape(n_out, *[1] * (delta.ndim - 1))
+    return (b + delta).astype(_float_dtype(weight))
+
+
+def _float_dtype(a: Any) -> np.dtype:
+    dt = np.asarray(a).dtype
+    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
+
+
+# -- least-squares refit -----------------------------------------------------------------------
+#: Default ridge strengths tried (relative to the mean variance of the input columns); the one
+#: with the smallest error on the held-out samples wins.
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class _Moments:
+    """Centered sums over some design rows: enough to solve and score any ``(W, b)``."""
+
+    n: int
+    mx: np.ndarray   # mean of the regression inputs [d]
+    my: np.ndarray   # mean of the targets [out]
+    axx: np.ndarray  # centered X^T X [d, d]
+    axy: np.ndarray  # centered X^T Y [d, out]
+    yy: float        # centered ||Y||^2
+    y_norm2: float   # ||Y||^2
+
+    def err2(self, w: np.ndarray, b: np.ndarray) -> float:
+        """``||X w + b - Y||_F^2`` over the rows."""
+        shift = self.mx @ w + b - self.my
+        e = np.sum(w * (self.axx @ w)) - 2 * np.sum(w * self.axy) + self.yy
+        return max(float(e + self.n * shift @ shift), 0.0)
+
+    def rel_err(self, w: np.ndarray, b: np.ndarray) -> float:
+        """``||X w + b - Y||_F / ||Y||_F`` (0 when both are 0)."""
+        return math.sqrt(self.err2(w, b)) / max(math.sqrt(self.y_norm2), 1e-300)
+
+    def bias_for(self, w: np.ndarray) -> np.ndarray:
+        """The least-squares bias for weights ``w``."""
+        return self.my - self.mx @ w
+
+    def merge(self, o: _Moments) -> _Moments:
+        """The moments of both row sets (Chan's parallel update)."""
+        n = self.n + o.n
+        dx, dy, f = o.mx - self.mx, o.my - self.my, self.n * o.n / n
+        return _Moments(n, self.mx + dx * o.n / n, self.my + dy * o.n / n,
+                        self.axx + o.axx + f * np.outer(dx, dx),
+                        self.axy + o.axy + f * np.outer(dx, dy),
+                        self.yy + o.yy + f * float(dy @ dy), self.y_norm2 + o.y_norm2)
+
+
+@dataclass
+class _Design:
+    """Row access to the regression problem: full inputs, regression inputs, targets."""
+
+    full: Rows              # row indices -> full-input design rows (float64)
+    pruned: Rows | None     # rows of the pruned model's inputs, None = kept columns of full
+    cols: np.ndarray        # kept columns of the full design
+    w2: np.ndarray          # full weight as [C * K, out]
+    b0: np.ndarray          # full bias [out]
+    total: int              # rows in all
+    per_sample: int         # consecutive rows per calibration sample
+
+    def moments(self, rows: np.ndarray) -> _Moments:
+        """Accumulate the moments of ``rows`` chunk by chunk.
+
+        Sums are taken around the first chunk's means, which avoids the cancellation of
+        ``X^T X - n m m^T`` for inputs far from zero (post-ReLU activations).
+        """
+        step = max(1, CHUNK_ELEMS // max(self.w2.shape[0] + self.w2.shape[1], 1))
+        sx = sy = None
+        n, axx, axy, sum_x, sum_y, yy, y_norm2 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        for i in range(0, len(rows), step):
+            r = rows[i:i + step]
+            xf = self.full(r)
+            y = xf @ self.w2 + self.b0
+            xk = xf[:, self.cols] if self.pruned is None else self.pruned(r)
+            if sx is None:
+                sx, sy = xk.mean(axis=0), y.mean(axis=0)
+            y_norm2 += float(np.sum(y * y))
+            xk, y = xk - sx, y - sy
+            n += len(r)
+            axx, axy = axx + xk.T @ xk, axy + xk.T @ y
+            sum_x, sum_y = sum_x + xk.sum(axis=0), sum_y + y.sum(axis=0)
+            yy += float(np.sum(y * y))
+        mx, my = sum_x / n, sum_y / n
+        return _Moments(n, mx + sx, my + sy, axx - n * np.outer(mx, mx),
+                        axy - n * np.outer(mx, my), yy - n * float(my @ my), y_norm2)
+
+
+def _row_source(x: np.ndarray, kernel: Sequence[int], spec: LayerSpec, channels: int
+                ) -> tuple[Rows, int, int]:
+    """(fn(row indices) -> float64 design rows, total rows, rows per sample) of ``x``."""
+    got = x.shape[-1] if spec.kind == "gemm" else x.shape[1] if x.ndim > 1 else -1
+    if got != channels:
+        raise ValueError(f"inputs of shape {x.shape} do not have {channels} channels on the "
+                         f"{'last' if spec.kind == 'gemm' else 'second'} axis")
+    if spec.kind == "gemm":
+        flat = x.reshape(-1, x.shape[-1])
+        per = math.prod(x.shape[1:-1]) if x.ndim > 2 else 1
+        return (lambda r: flat[r].astype(np.float64)), flat.shape[0], per
+    view = _patch_view(x, kernel, spec)
+    per = math.prod(view.shape[2:2 + len(kernel)])
+    return (lambda r: _gather_patches(view, r).astype(np.float64)), view.shape[0] * per, per
+
+
+def _split(d: _Design, max_rows: int, holdout: float, seed: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-out rows) of a seeded subset of at most ``max_rows`` rows.
+
+    Split by calibration sample (the positions of one image are correlated), or by row when
+    there is a single sample.
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.arange(d.total) if d.total <= max_rows else \
+        np.sort(rng.choice(d.total, max_rows, replace=False))
+    groups = d.total // d.per_sample
+    if groups < 2:
+        groups, owner = len(rows), np.arange(len(rows))
+    else:
+        owner = rows // d.per_sample
+    k = min(groups - 1, round(holdout * groups))
+    if holdout <= 0 or k < 1:
+        return rows, rows[:0]
+    held = np.isin(owner, rng.choice(groups, k, replace=False))
+    if held.all() or not held.any():  # the subset missed a side: score in-sample
+        return rows, rows[:0]
+    return rows[~held], rows[held]
+
+
+def _solve(m: _Moments, ridge: float) -> np.ndarray | None:
+    """Ridge weights for the centered problem, or None if the system is unusable."""
+    d = m.axx.shape[0]
+    lam = ridge * max(float(np.trace(m.axx)) / max(d, 1), np.finfo(float).tiny)
+    a = m.axx.copy()  # one d x d copy: the factor overwrites it
+    a[np.diag_indices(d)] += lam
+    try:
+        w = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, overwrite_a=True), m.axy)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    return w if np.all(np.isfinite(w)) else None
+
+
+def _choose(d: _Design, fit: _Moments, val: _Moments, ridges: Sequence[float]
+            ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Score drop, bias and one refit per ridge on ``val``; return (report, w, b).
+
+    The winner is refit on all rows (``fit`` merged with ``val``) before it is returned.
+    """
+    w_drop = d.w2[d.cols]
+    errs = {"drop": val.rel_err(w_drop, d.b0), "bias": val.rel_err(w_drop, fit.bias_for(w_drop))}
+    best_ridge, refit_err = None, math.inf
+    for ridge in ridges:
+        w = _solve(fit, ridge)
+        err = math.inf if w is None else val.rel_err(w, fit.bias_for(w))
+        if err < refit_err:
+            best_ridge, refit_err = ridge, err
+    method = "refit" if refit_err <= min(errs.values()) else min(errs, key=errs.__getitem__)
+    every = fit.merge(val) if val.n and val is not fit else fit
+    w_new = _solve(every, best_ridge) if method == "refit" else w_drop  # type: ignore[arg-type]
+    if w_new is None:  # cannot happen for a system that was solvable on fewer rows; be safe
+        method, w_new = "bias", w_drop
+    b_new = d.b0 if method == "drop" else every.bias_for(w_new)
+    report = {"rel_err_drop": errs["drop"], "rel_err_bias": errs["bias"],
+              "rel_err_refit": refit_err if method == "refit" else errs[method],
+              "method": method, "ridge": best_ridge if method == "refit" else None}
+    return report, w_new, b_new
+
+
+def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: np.ndarray,
+                        keep: Sequence[int], spec: LayerSpec,
+                        ridge: float | Sequence[float] = RIDGES, max_rows: int = 16384,
+                        seed: int = 0, x_inputs: np.ndarray | None = None,
+                        holdout: float = 0.25) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Refit the consumer's weights over its kept input channels to match its unpruned output.
+
+    Targets: the original layer's output on ``x_samples``. Inputs: ``x_samples[:, keep]``, or
+    ``x_inputs`` (the kept channels as the *pruned* model computes them, so upstream errors
+    get corrected too). One ridge regression with an unpenalized intercept for all outputs,
+    in float64 on the normal equations; a Conv's rows are im2col patches (every output
+    position of every sample), at most ``max_rows`` of them (a seeded subset).
+
+    Model selection: candidates fitted without a ``holdout`` fraction of the samples are
+    scored on it: *drop* (sliced weights, same bias), *bias* (sliced weights, least-squares
+    bias = :func:`bias_compensation` for Gemm and unpadded Conv) and a *refit* per ridge. The
+    winner is refit on all rows, so a refit that overfits (few samples, many kept channels)
+    or fails is not used: never worse than dropping on held-out data.
+
+    Args:
+        weight: full consumer weight (layouts: see the module docs).
+        bias: its bias (broadcastable to ``[out]``) or None.
+        x_samples: full inputs: ``[..., C]`` for gemm (features last), ``[N, C, *spatial]``
+            for Conv; float32 is fine (the design is built and solved in float64).
+        keep: sorted input channel indices that survive.
+        spec: the consumer (see :class:`LayerSpec`).
+        ridge: ridge strength(s), relative to the mean variance of the input columns.
+        max_rows: most design rows used (samples x output positions).
+        seed: seed of the row subset and of the held-out samples.
+        x_inputs: optional pruned-model inputs with ``len(keep)`` channels, same rows.
+        holdout: fraction of samples (rows, if there is one sample) held out; 0 scores
+            in-sample.
+
+    Returns:
+        ``(weight_kept, bias, report)``: the weight over the kept channels in the original
+        layout and dtype, the ``[out]`` bias, and ``{"rel_err_drop", "rel_err_bias",
+        "rel_err_refit" (the returned method's), "method" ("refit" | "bias" | "drop"),
+        "ridge", "rows", "rows_held_out"}``; errors are ``||Y' - Y||_F / ||Y||_F`` on the
+        held-out rows (all rows with ``holdout=0``) of the candidates fitted without them.
+    """
+    spec.check()
+    keep = np.asarray(keep, np.int64)
+    w = np.asarray(weight, np.float64)
+    w2 = (w if spec.layout == "in_out" else w.T) if spec.kind == "gemm" else \
+        w.reshape(w.shape[0], -1).T  # [C * K, out]
+    kernel, per = w.shape[2:], math.prod(w.shape[2:])
+    b0 = np.zeros(w2.shape[1]) if bias is None else \
+        np.broadcast_to(np.asarray(bias, np.float64).ravel(), w2.shape[1])
+    full, total, per_sample = _row_source(np.asarray(x_samples), kernel, spec, w2.shape[0] // per)
+    pruned = None if x_inputs is None else \
+        _row_source(np.asarray(x_inputs), kernel, spec, len(keep))[0]
+    cols = (keep[:, None] * per + np.arange(per)).ravel()
+    design = _Design(full, pruned, cols, w2, b0, total, per_sample)
+    fit_rows, val_rows = _split(design, max_rows, holdout, seed)
+    fit = design.moments(fit_rows)
+    val = design.moments(val_rows) if len(val_rows) else fit
+    ridges = (ridge,) if isinstance(ridge, (int, float)) else tuple(ridge)
+    report, w_new, b_new = _choose(design, fit, val, ridges)
+    report |= {"rows": len(fit_rows) + len(val_rows), "rows_held_out": len(val_rows)}
+    dt = _float_dtype(weight)
+    if spec.kind == "conv":
+        w_out = w_new.T.reshape(w.shape[0], len(keep), *kernel)
+    else:
+        w_out = w_new if spec.layout == "in_out" else w_new.T
+    return np.ascontiguousarray(w_out, dt), np.asarray(b_new, dt), report
+
+
+# -- BatchNormalization ------------------------------------------------------------------------
+def reestimate_batchnorm(x_samples: np.ndarray | Iterable[np.ndarray], channel_axis: int = 1
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (biased) variance of a BatchNormalization input.
+
+    These are the ``input_mean``/``input_var`` an inference-mode ONNX BatchNormalization
+    should hold to normalize the calibration data exactly (its training mode uses the same
+    biased variance). Note this replaces the trained statistics by calibration ones; to
+    only undo the shift pruning caused, use :func:`match_batchnorm`.
+
+    Args:
+        x_samples: the BN input ``[N, C, ...]``, or an iterable of such batches (merged
+            with Chan's parallel update, so the data need not fit in memory at once).
+        channel_axis: the channel axis.
+
+    Returns:
+        ``(mean, var)``, each ``[C]``, in the samples' float dtype.
+    """
+    batches = [x_samples] if isinstance(x_samples, np.ndarray) else x_samples
+    n, mean, m2, dtype = 0, 0.0, 0.0, None
+    for batch in batches:
+        x = np.moveaxis(np.asarray(batch), channel_axis, 0)
+        dtype = dtype or _float_dtype(x)
+        x = x.reshape(x.shape[0], -1).astype(np.float64)
+        k = x.shape[1]
+        if not k:
+            continue
+        bm = x.mean(axis=1)
+        bm2 = ((x - bm[:, None]) ** 2).sum(axis=1)
+        delta = bm - mean
+        mean = mean + delta * k / (n + k)
+        m2 = m2 + bm2 + delta**2 * n * k / (n + k)
+        n += k
+    if not n:
+        raise ValueError("reestimate_batchnorm needs at least one sample")
+    return np.asarray(mean, dtype), np.asarray(m2 / n, dtype)
+
+
+def match_batchnorm(mean: np.ndarray, var: np.ndarray, epsilon: float,
+                    ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """BN statistics under which the pruned input gives the unpruned output moments.
+
+    With ``ref = (m_o, v_o)`` the calibration moments of the BN input in the unpruned model
+    and ``new = (m_p, v_p)`` in the pruned one (both from :func:`reestimate_batchnorm`), the
+    returned ``(mean', var')`` make ``(x_p - mean') / sqrt(var' + eps)`` have per channel the
+    mean and variance that ``(x_o - mean) / sqrt(var + eps)`` had. Channels with ``v_o == 0``
+    only get their mean shifted; ``var'`` is clipped at 0 (then the variance is not matched).
+
+    Returns:
+        ``(mean', var')`` in the dtype of ``mean``.
+    """
+    mu, s2 = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    (m_o, v_o), (m_p, v_p) = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                              for a, b in (ref, new)]
+    ratio = np.divide(v_p, v_o, out=np.ones_like(v_p), where=v_o > 0)
+    new_var = np.maximum((s2 + epsilon) * ratio - epsilon, 0.0)
+    new_mean = m_p - (m_o - mu) * np.sqrt((new_var + epsilon) / (s2 + epsilon))
+    dt = _float_dtype(mean)
+    return new_mean.astype(dt), new_var.astype(dt)
