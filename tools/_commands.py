@@ -122,7 +122,14 @@ def model_info(model: ir.Model) -> dict[str, Any]:
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
     """Print a summary of a model."""
-    info = model_info(ir.load(args.model))
+    model = ir.load(args.model)
+    info = model_info(model)
+    groups = None
+    if args.groups:
+        from edgeopt.passes.analyses import ChannelGroups
+
+        groups = ChannelGroups(model, Context())
+        info["channel_groups"] = groups.describe()
     if args.json:
         print_json(info)
         return 0
@@ -142,6 +149,10 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
         rows = [(c["node"], c["op_type"], ir.format_shape(c["output_shape"]), f"{c['params']:,}",
                  f"{c['macs']:,}") for c in info["layers"]]
         print(format_table(rows, ("layer", "op", "output", "params", "MACs"), right=(3, 4)))
+    if groups is not None:
+        prunable = sum(1 for g in info["channel_groups"] if g["prunable"])
+        print(f"channel groups: {len(info['channel_groups'])} ({prunable} prunable)")
+        print(groups.table())
     return 0
 
 

@@ -70,6 +70,9 @@ def _sub_parser(cmd: str) -> argparse.ArgumentParser:
         p.description = "Summarize a model: I/O, opsets, op histogram, parameters, MACs."
         p.add_argument("model")
         p.add_argument("--layers", action="store_true", help="list MACs of every layer")
+        p.add_argument("--groups", action="store_true",
+                       help="list the channel groups structured pruning sees, their sizes, and "
+                            "why some are frozen")
     elif cmd == "passes":
         p.description = "List every available pass with its options."
         p.add_argument("--plugins", action="store_true",

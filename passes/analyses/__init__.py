@@ -8,5 +8,8 @@ hashable (pass tuples, not lists).
 from __future__ import annotations
 
 from .activations import Activations, ValueStats
+from .channel_groups import ChannelGroup, ChannelGroups, Member
+from .importance import ChannelImportance, register_criterion
 
-__all__ = ["Activations", "ValueStats"]
+__all__ = ["Activations", "ChannelGroup", "ChannelGroups", "ChannelImportance", "Member",
+           "ValueStats", "register_criterion"]

@@ -66,8 +66,8 @@ def test_output_folder_and_json(tmp_path, capsys):
     (["{d}/missing.onnx", "-p", "dce"], "missing.onnx: no such file"),
     (["{d}/m.onnx", "-p", "dce,bogus=1"], "pass 'dce' takes no options (got bogus)"),
     (["{d}/m.onnx", "-p", "nosuch"], "unknown pass 'nosuch'; available passes:"),
-    (["{d}/m.onnx", "-p", "prune:0.6"], "pass 'prune' (structured channel pruning) is not "
-                                        "available yet"),
+    (["{d}/m.onnx", "-p", "quant:int8"], "pass 'quant' (int8/fp16 quantization) is not "
+                                         "available yet"),
     (["{d}/m.onnx", "-p", "dce", "-o", "{d}/m.onnx"], "output would overwrite the input"),
     (["{d}/junk.onnx", "-p", "dce"], "junk.onnx: not a"),
     (["{d}/bad_op.onnx", "-p", "dce"],
@@ -140,3 +140,29 @@ def test_console_script_and_help():
     proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "Pipeline grammar" in proc.stdout and "--calib" in proc.stdout
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "examples",
+                        "digits")
+
+
+def test_info_groups_lists_prunable_and_frozen_groups(capsys):
+    assert main(["info", os.path.join(EXAMPLES, "resnet.onnx"), "--groups"]) == 0
+    out = capsys.readouterr().out
+    assert "channel groups: 6 (5 prunable)" in out
+    assert "frozen: graph output 'logits'" in out
+    assert main(["info", os.path.join(EXAMPLES, "resnet.onnx"), "--groups", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["channel_groups"]
+    assert [g["size"] for g in groups] == [16, 16, 32, 32, 32, 10]
+
+
+def test_prune_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "cnn.onnx"
+    assert main([os.path.join(EXAMPLES, "cnn.onnx"), "-p", "simplify,prune:0.5", "-o", str(out),
+                 "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    prune = report["steps"][-1]
+    assert prune["name"] == "prune" and prune["modified"]
+    assert prune["stats"]["params_after"] < prune["stats"]["params_before"] / 2
+    assert report["after"]["params"] < report["before"]["params"] / 2
+    assert onnx.load(out).graph.output[0].type.tensor_type.shape.dim[1].dim_value == 10

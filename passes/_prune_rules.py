@@ -1,0 +1,689 @@
+"""The built-in channel rules of the ``ChannelGroups`` analysis, one per ONNX operator family.
+
+How rules work is described in :mod:`edgeopt.passes.analyses.channel_groups`: a rule
+``rule(node, env) -> Effects`` says what a node does to the channels of its inputs (moves,
+couples, produces or consumes them), or raises :class:`Unsupported` with the reason that
+freezes them. Register more with ``@channel_rule("OpType")``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeopt.ir import Node, Value
+
+from ._util import NameGen, as_tensor, default_opset, replace_constant_input
+from .analyses.channel_groups import (
+    Effects,
+    Fixup,
+    Keep,
+    Labels,
+    RuleEnv,
+    Unsupported,
+    channel_rule,
+    node_name,
+)
+
+if TYPE_CHECKING:
+    from edgeopt.ir import Shape
+
+# -- helpers ------------------------------------------------------------------------------------
+def _input(node: Node, i: int) -> Value | None:
+    return node.inputs[i] if i < len(node.inputs) else None
+
+
+def _ints(env: RuleEnv, node: Node, i: int, attr: str | None, cast: type = int) -> list | None:
+    """A list from constant input ``i`` or, for older opsets, attribute ``attr``."""
+    value = _input(node, i)
+    if value is not None:
+        tensor = env.tensor(value)
+        if tensor is None:
+            raise Unsupported(f"{node.op_type} with a computed {attr or 'shape'} input")
+        return [cast(x) for x in tensor.numpy().reshape(-1)]
+    got = node.attr(attr) if attr else None
+    return None if got is None else [cast(x) for x in got]
+
+
+def _rank(env: RuleEnv, value: Value | None) -> int | None:
+    labels = env.labels(value)
+    if labels is not None:
+        return labels.rank
+    tensor = env.tensor(value)
+    if tensor is not None:
+        return len(tensor.shape)
+    shape = env.shape(value) if value is not None else None
+    return None if shape is None else len(shape)
+
+
+def _only_input(node: Node, env: RuleEnv) -> Labels:
+    """The labels of input 0; channels on any other input are not followed."""
+    labels = env.labels(node.inputs[0])
+    if labels is None:
+        raise Unsupported(f"{node.op_type} reads channels through a secondary input")
+    return labels
+
+
+def _same_all(node: Node, labels: Labels, effects: Effects) -> Effects:
+    """Every output carries the labels of input 0 (shape-preserving ops)."""
+    for i, out in enumerate(node.outputs):
+        if out.name:
+            effects.outputs[i] = labels
+    effects.handled.add(0)
+    return effects
+
+
+def _dim(shape: Shape | None, axis: int) -> Any:
+    return None if shape is None or not -len(shape) <= axis < len(shape) else shape[axis]
+
+
+# -- channel-preserving ops ---------------------------------------------------------------------
+@channel_rule("Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu",
+              "Celu", "ThresholdedRelu", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Abs",
+              "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+              "Identity", "Cast", "Clip", "Dropout", "Sin", "Cos", "IsNaN", "IsInf", "Not")
+def _unary(node: Node, env: RuleEnv) -> Effects:
+    """Elementwise on input 0 (Clip's bounds and Dropout's ratio are scalars)."""
+    return _same_all(node, _only_input(node, env), Effects())
+
+
+@channel_rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+              "GlobalLpPool")
+def _pool(node: Node, env: RuleEnv) -> Effects:
+    """Pooling keeps axis 1; MaxPool's Indices output encodes channels, so it must be unused."""
+    labels = _only_input(node, env)
+    if labels.axis != 1:
+        raise Unsupported(f"{node.op_type} on a tensor whose channels are on axis {labels.axis}")
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        raise Unsupported("MaxPool Indices are used (they encode channel positions)")
+    return _same_all(node, labels, Effects())
+
+
+@channel_rule("BatchNormalization", "InstanceNormalization")
+def _norm(node: Node, env: RuleEnv) -> Effects:
+    """Per-channel parameters (axis 0 of every parameter input) shrink with the channels."""
+    labels = _only_input(node, env)
+    if labels.axis != 1:
+        raise Unsupported(f"{node.op_type} on a tensor whose channels are on axis {labels.axis}")
+    extra = [o for o in node.outputs[1:] if o.uses() or o.is_graph_output()]
+    if extra:
+        raise Unsupported(f"{node.op_type} in training mode (running statistics are read)")
+    effects = Effects()
+    for i in range(1, len(node.inputs)):
+        if node.inputs[i] is None:
+            continue
+        if env.tensor(node.inputs[i]) is None or env.labels(node.inputs[i]) is not None:
+            raise Unsupported(f"{node.op_type} with computed parameters")
+        effects.const(node, i, 0, labels.atoms, "param")
+    effects.outputs[0] = labels
+    for i in range(1, len(node.outputs)):  # unused statistics outputs keep consistent shapes
+        if node.outputs[i].name:
+            effects.outputs[i] = Labels(0, 1, labels.atoms)
+    effects.handled.add(0)
+    return effects
+
+
+@channel_rule("Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow", "PRelu", "Where",
+              "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor",
+              "BitShift", "Mod")
+def _elementwise(node: Node, env: RuleEnv) -> Effects:
+    """Broadcasting elementwise ops: labeled inputs are coupled position by position.
+
+    Inputs are aligned on trailing axes. A constant whose size on the channel axis equals the
+    channel count is a per-channel parameter that shrinks; one of size 1 broadcasts. A computed
+    input without labels that spans the channels couples them to something untracked, which
+    freezes them (a graph input added to a residual branch, say).
+    """
+    ranks = [_rank(env, v) if v is not None else 0 for v in node.inputs]
+    if any(r is None for r in ranks):
+        raise Unsupported(f"{node.op_type} with an input of unknown rank")
+    out_rank = max(ranks)  # type: ignore[type-var]
+    labeled = {i: lab for i, v in enumerate(node.inputs) if (lab := env.labels(v)) is not None}
+    width = max(len(lab) for lab in labeled.values())
+    axes = {lab.axis + out_rank - lab.rank for lab in labeled.values() if len(lab) == width}
+    if len(axes) != 1:
+        raise Unsupported(f"{node.op_type} combines channels on different axes")
+    (axis,) = axes
+    effects = Effects(handled=set(labeled))
+    base = next(lab for lab in labeled.values() if len(lab) == width)
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            continue
+        local = axis - (out_rank - ranks[i])  # type: ignore[operator]
+        lab = labeled.get(i)
+        if lab is not None:
+            if len(lab) == width and lab.axis == local:
+                effects.unions.append((base.atoms, lab.atoms))
+            elif len(lab) == 1 and lab.axis == local:  # a 1-channel map broadcast over channels
+                effects.freezes.append((lab.atoms, f"broadcast over the channels by "
+                                                    f"{node.op_type} '{node_name(node)}'"))
+            else:
+                raise Unsupported(f"{node.op_type} combines channels on different axes")
+            continue
+        _elementwise_other(node, env, i, local, base, effects)
+    effects.outputs[0] = Labels(axis, out_rank, base.atoms)  # type: ignore[arg-type]
+    return effects
+
+
+def _elementwise_other(node: Node, env: RuleEnv, i: int, local: int, base: Labels,
+                       effects: Effects) -> None:
+    """An input of an elementwise op without labels: a parameter, a broadcast, or untracked."""
+    value = node.inputs[i]
+    assert value is not None
+    tensor = env.tensor(value)
+    shape = tuple(tensor.shape) if tensor is not None else env.shape(value)
+    if local < 0:
+        return  # lower rank: it broadcasts along the channel axis
+    dim = _dim(shape, local)
+    if dim == 1:
+        return
+    if dim != len(base):
+        if dim is None or isinstance(dim, str):
+            raise Unsupported(f"{node.op_type} input '{value.name}' has an unknown size on "
+                              "the channel axis")
+        raise Unsupported(f"{node.op_type} input '{value.name}' has {dim} channels, not "
+                          f"{len(base)}")
+    if tensor is not None:
+        effects.const(node, i, local, base.atoms, "param")
+    else:
+        effects.unions.append((base.atoms, env.source(value, dim, f"combined with untracked "
+                                                                  f"value '{value.name}'")))
+
+
+# -- producers and consumers --------------------------------------------------------------------
+@channel_rule("Conv", producer=True)
+def _conv(node: Node, env: RuleEnv) -> Effects:
+    """Conv: reads channels on axis 1 of X (axis 1 of W), produces W.shape[0] channels.
+
+    A grouped Conv (depthwise included) couples its input and output channels group by group:
+    each conv group is one channel of the coupled group (its ``C_in/group`` input channels
+    are unioned, and its ``C_out/group`` outputs repeat that atom), so pruning removes whole
+    conv groups and the ``group`` attribute shrinks with them.
+    """
+    x, w, b = node.inputs[0], node.inputs[1], _input(node, 2)
+    weight = env.tensor(w)
+    if weight is None or (b is not None and env.tensor(b) is None):
+        raise Unsupported("Conv with a computed weight or bias")
+    lx = env.labels(x)
+    if lx is not None and lx.axis != 1:
+        raise Unsupported(f"Conv reads a tensor whose channels are on axis {lx.axis}")
+    groups, c_out, c_in_g = int(node.attr("group", 1)), weight.shape[0], weight.shape[1]
+    rank = len(weight.shape)
+    effects = Effects()
+    if groups == 1:
+        if lx is not None:
+            effects.const(node, 1, 1, lx.atoms, "in")
+            effects.handled.add(0)
+        atoms = env.new_atoms(c_out, node_name(node))
+    else:
+        if lx is None:
+            return effects  # a grouped Conv of an untracked input: its output is untracked too
+        if len(lx) != groups * c_in_g or c_out % groups:
+            raise Unsupported(f"grouped Conv with {len(lx)} input channels and group={groups}")
+        blocks = lx.atoms.reshape(groups, c_in_g)
+        effects.unions.extend((blocks[:, 0], blocks[:, j]) for j in range(1, c_in_g))
+        atoms = np.repeat(blocks[:, 0], c_out // groups)
+        effects.fixups.append(Fixup(node, _fix_conv_group, {"per_group": c_out // groups,
+                                                            "atoms": atoms}))
+        effects.handled.add(0)
+    effects.const(node, 1, 0, atoms, "out")
+    if b is not None:
+        effects.const(node, 2, 0, atoms, "out")
+    effects.outputs[0] = Labels(1, rank, atoms)
+    return effects
+
+
+def _fix_conv_group(fix: Fixup, keep: Keep, names: NameGen) -> None:
+    kept = int(keep(fix.data["atoms"]).sum())
+    fix.node.attrs["group"] = kept // fix.data["per_group"]
+
+
+@channel_rule("ConvTranspose", producer=True)
+def _conv_transpose(node: Node, env: RuleEnv) -> Effects:
+    """ConvTranspose (group 1): W is ``[C_in, C_out, k...]``."""
+    x, w, b = node.inputs[0], node.inputs[1], _input(node, 2)
+    weight = env.tensor(w)
+    if weight is None or (b is not None and env.tensor(b) is None):
+        raise Unsupported("ConvTranspose with a computed weight or bias")
+    if int(node.attr("group", 1)) != 1:
+        raise Unsupported("grouped ConvTranspose")
+    lx = env.labels(x)
+    if lx is not None and lx.axis != 1:
+        raise Unsupported(f"ConvTranspose reads a tensor whose channels are on axis {lx.axis}")
+    effects = Effects()
+    if lx is not None:
+        effects.const(node, 1, 0, lx.atoms, "in")
+        effects.handled.add(0)
+    atoms = env.new_atoms(weight.shape[1], node_name(node))
+    effects.const(node, 1, 1, atoms, "out")
+    if b is not None:
+        effects.const(node, 2, 0, atoms, "out")
+    effects.outputs[0] = Labels(1, len(weight.shape), atoms)
+    return effects
+
+
+@channel_rule("Gemm", producer=True)
+def _gemm(node: Node, env: RuleEnv) -> Effects:
+    """Gemm with a constant B: reads features on axis 1 of A, produces B's output features."""
+    a, b, c = node.inputs[0], node.inputs[1], _input(node, 2)
+    weight = env.tensor(b)
+    la = env.labels(a)
+    if weight is None:
+        if la is not None:
+            raise Unsupported("Gemm with a computed B")
+        return Effects()
+    trans_b = bool(node.attr("transB", 0))
+    if la is not None and (node.attr("transA", 0) or la.axis != 1):
+        raise Unsupported("Gemm reads features on axis 0 (transA)")
+    n_out = weight.shape[0 if trans_b else 1]
+    bias = env.tensor(c) if c is not None else None
+    if c is not None and (bias is None or env.labels(c) is not None):
+        raise Unsupported("Gemm with a computed C")
+    effects = Effects()
+    if la is not None:
+        effects.const(node, 1, 1 if trans_b else 0, la.atoms, "in")
+        effects.handled.add(0)
+    atoms = env.new_atoms(n_out, node_name(node))
+    effects.const(node, 1, 0 if trans_b else 1, atoms, "out")
+    if bias is not None and len(bias.shape) >= 1 and bias.shape[-1] == n_out and n_out > 1:
+        effects.const(node, 2, len(bias.shape) - 1, atoms, "out")
+    effects.outputs[0] = Labels(1, 2, atoms)
+    return effects
+
+
+@channel_rule("MatMul", producer=True)
+def _matmul(node: Node, env: RuleEnv) -> Effects:
+    """MatMul with a constant 2-D right operand: features on the last axis in and out."""
+    a, b = node.inputs
+    la, weight = env.labels(a), env.tensor(b)
+    if env.labels(b) is not None:
+        raise Unsupported("MatMul reads channels through its right operand")
+    if weight is None or len(weight.shape) != 2:
+        if la is not None:
+            raise Unsupported("MatMul of channels with a computed or batched right operand")
+        return Effects()
+    rank = la.rank if la is not None else _rank(env, a)
+    if rank is None:
+        return Effects()
+    effects = Effects()
+    if la is not None:
+        if la.axis != la.rank - 1:
+            raise Unsupported(f"MatMul reads a tensor whose features are on axis {la.axis}")
+        effects.const(node, 1, 0, la.atoms, "in")
+        effects.handled.add(0)
+    atoms = env.new_atoms(weight.shape[1], node_name(node))
+    effects.const(node, 1, 1, atoms, "out")
+    effects.outputs[0] = Labels(rank - 1, rank, atoms)  # [..., K] @ [K, N] -> [..., N]
+    return effects
+
+
+# -- ops that move the channel axis --------------------------------------------------------------
+@channel_rule("Flatten")
+def _flatten(node: Node, env: RuleEnv) -> Effects:
+    """Flatten: channels on axis ``a >= axis`` become blocks of features on axis 1."""
+    labels = _only_input(node, env)
+    axis = int(node.attr("axis", 1))
+    axis = axis + labels.rank if axis < 0 else axis
+    shape = env.shape(node.inputs[0])
+    if shape is None or not 0 < axis <= labels.axis:
+        raise Unsupported("Flatten merges the channels with the batch axis")
+    inner, outer = shape[labels.axis + 1:], shape[axis:labels.axis]
+    if not all(isinstance(d, int) for d in (*inner, *outer)):
+        raise Unsupported("Flatten of a tensor with non-static spatial dims")
+    if int(np.prod(outer, dtype=np.int64)) != 1:
+        raise Unsupported("Flatten puts the channels inside a block (axes before them)")
+    atoms = np.repeat(labels.atoms, int(np.prod(inner, dtype=np.int64)))
+    return Effects(outputs={0: Labels(1, 2, atoms)}, handled={0})
+
+
+@channel_rule("Transpose")
+def _transpose(node: Node, env: RuleEnv) -> Effects:
+    """Transpose moves the channel axis to where the permutation puts it."""
+    labels = _only_input(node, env)
+    perm = node.attr("perm") or list(reversed(range(labels.rank)))
+    return Effects(outputs={0: labels.moved(list(perm).index(labels.axis))}, handled={0})
+
+
+@channel_rule("Squeeze", "Unsqueeze")
+def _squeeze(node: Node, env: RuleEnv) -> Effects:
+    """(Un)Squeeze shifts the channel axis; squeezing the channel axis itself is refused."""
+    labels = _only_input(node, env)
+    axes = _ints(env, node, 1, "axes")
+    effects = Effects(handled={0})
+    if node.op_type == "Squeeze":
+        if axes is None:
+            shape = env.shape(node.inputs[0])
+            if shape is None or not all(isinstance(d, int) for d in shape) or len(labels) == 1:
+                raise Unsupported("Squeeze without axes of a tensor with unknown dims")
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        axes = [a + labels.rank if a < 0 else a for a in axes]
+        if labels.axis in axes:
+            raise Unsupported("Squeeze removes the channel axis")
+        new = labels.axis - sum(a < labels.axis for a in axes)
+        effects.outputs[0] = Labels(new, labels.rank - len(axes), labels.atoms)
+        return effects
+    assert axes is not None
+    out_rank = labels.rank + len(axes)
+    axes = sorted(a + out_rank if a < 0 else a for a in axes)
+    kept = [i for i in range(out_rank) if i not in axes]
+    effects.outputs[0] = Labels(kept[labels.axis], out_rank, labels.atoms)
+    return effects
+
+
+@channel_rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+              "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+def _reduce(node: Node, env: RuleEnv) -> Effects:
+    """Reductions over other axes keep the channels (a reduction over them mixes them)."""
+    labels = _only_input(node, env)
+    opset = default_opset(env.model)
+    new_style = opset >= 18 or (node.op_type == "ReduceSum" and opset >= 13)
+    axes = _ints(env, node, 1, "axes") if new_style else node.attr("axes")
+    if not axes:
+        if node.attr("noop_with_empty_axes", 0):
+            return _same_all(node, labels, Effects())
+        raise Unsupported(f"{node.op_type} over every axis mixes the channels")
+    axes = [int(a) + labels.rank if a < 0 else int(a) for a in axes]
+    if labels.axis in axes:
+        raise Unsupported(f"{node.op_type} over the channel axis mixes the channels")
+    if node.attr("keepdims", 1):
+        return _same_all(node, labels, Effects())
+    new = labels.axis - sum(a < labels.axis for a in axes)
+    return Effects(outputs={0: Labels(new, labels.rank - len(set(axes)), labels.atoms)},
+                   handled={0})
+
+
+@channel_rule("Softmax", "LogSoftmax", "Hardmax")
+def _softmax(node: Node, env: RuleEnv) -> Effects:
+    """Softmax over another axis keeps the channels; over them it mixes them.
+
+    Before opset 13 the input is flattened from ``axis`` on, so any ``axis <= channel axis``
+    normalizes across the channels.
+    """
+    labels = _only_input(node, env)
+    new_style = default_opset(env.model) >= 13
+    axis = int(node.attr("axis", -1 if new_style else 1))
+    axis = axis + labels.rank if axis < 0 else axis
+    if axis == labels.axis or (not new_style and axis <= labels.axis):
+        raise Unsupported(f"{node.op_type} normalizes across the channels")
+    return _same_all(node, labels, Effects())
+
+
+@channel_rule("LRN", "LpNormalization", "GroupNormalization", "LayerNormalization",
+              "MeanVarianceNormalization")
+def _mixing_norm(node: Node, env: RuleEnv) -> Effects:
+    """Normalizations whose statistics may span channels."""
+    labels = _only_input(node, env)
+    axis = int(node.attr("axis", -1))
+    axis = axis + labels.rank if axis < 0 else axis
+    if node.op_type == "LayerNormalization" and axis > labels.axis:
+        return _same_all(node, labels, Effects())  # scale/bias span the axes after channels
+    if node.op_type == "MeanVarianceNormalization":
+        axes = [int(x) + labels.rank if x < 0 else int(x) for x in node.attr("axes", [0, 2, 3])]
+        if labels.axis not in axes:
+            return _same_all(node, labels, Effects())
+    if node.op_type == "LpNormalization" and axis != labels.axis:
+        return _same_all(node, labels, Effects())
+    raise Unsupported(f"{node.op_type} mixes neighbouring channels"
+                      if node.op_type == "LRN" else f"{node.op_type} normalizes across channels")
+
+
+@channel_rule("Shape")
+def _shape(node: Node, env: RuleEnv) -> Effects:
+    """Shape is fine as long as it does not read the channel count."""
+    labels = _only_input(node, env)
+    start = int(node.attr("start", 0))
+    end = node.attr("end")
+    start = start + labels.rank if start < 0 else start
+    stop = labels.rank if end is None else (int(end) + labels.rank if end < 0 else int(end))
+    if start <= labels.axis < stop:
+        raise Unsupported("Shape reads the channel count")
+    return Effects(handled={0})
+
+
+# -- reshapes ------------------------------------------------------------------------------------
+@channel_rule("Reshape")
+def _reshape(node: Node, env: RuleEnv) -> Effects:
+    """Reshape that keeps the channel axis, or merges it with the axes after it.
+
+    The dims before the channel axis must stay as they are, and the product of the dims from
+    the channel axis on must be static. Splitting the channel axis (the first half of a
+    channel shuffle) is refused. When the target shape spells the channel count out, a
+    :class:`Fixup` rewrites it after pruning.
+    """
+    labels = _only_input(node, env)
+    tensor = env.tensor(_input(node, 1))
+    if tensor is None:
+        raise Unsupported("Reshape to a computed shape")
+    if node.attr("allowzero", 0):
+        raise Unsupported("Reshape with allowzero")
+    target = [int(x) for x in tensor.numpy().reshape(-1)]
+    shape = env.shape(node.inputs[0])
+    a = labels.axis
+    if shape is None or len(target) <= a:
+        raise Unsupported("Reshape of a tensor of unknown shape, or to a lower rank")
+    out = [shape[i] if d == 0 and i < len(shape) else d for i, d in enumerate(target)]
+    tail_in = shape[a:]
+    if not all(isinstance(d, int) for d in tail_in):
+        raise Unsupported("Reshape of a tensor with non-static dims after the channels")
+    total = int(np.prod(tail_in, dtype=np.int64))
+    out = _resolve_tail(out, a, total)
+    if any(out[i] != shape[i] and target[i] not in (0, -1) for i in range(a)):
+        raise Unsupported("Reshape changes the axes before the channels")
+    merged = _merged_block(tail_in, out[a])
+    if merged is None:
+        raise Unsupported("Reshape splits the channel axis (channel shuffle)")
+    atoms = np.repeat(labels.atoms, merged)
+    effects = Effects(outputs={0: Labels(a, len(target), atoms)}, handled={0})
+    if target[a] > 0:
+        effects.fixups.append(Fixup(node, _fix_reshape, {"axis": a, "atoms": atoms}))
+    return effects
+
+
+def _resolve_tail(out: list, a: int, total: int) -> list:
+    """Resolve a -1 in the dims from the channel axis on (their product must be ``total``)."""
+    tail = out[a:]
+    if -1 in tail:
+        known = int(np.prod([d for d in tail if d != -1], dtype=np.int64))
+        if known == 0 or total % known:
+            raise Unsupported("Reshape with an inconsistent target shape")
+        tail[tail.index(-1)] = total // known
+    if not all(isinstance(d, int) for d in tail) or int(np.prod(tail, dtype=np.int64)) != total:
+        raise Unsupported("Reshape moves elements across the channel axis")
+    return out[:a] + tail
+
+
+def _merged_block(tail_in: tuple, channels_out: int) -> int | None:
+    """How many input positions each output channel position covers (None: the axis splits)."""
+    prod, block = tail_in[0], 1
+    if prod == channels_out:
+        return 1
+    for d in tail_in[1:]:
+        prod, block = prod * d, block * d
+        if prod == channels_out:
+            return block
+    return None
+
+
+def _fix_reshape(fix: Fixup, keep: Keep, names: NameGen) -> None:
+    node = fix.node
+    target = node.inputs[1].const_value.numpy().copy()  # type: ignore[union-attr]
+    target.reshape(-1)[fix.data["axis"]] = int(keep(fix.data["atoms"]).sum())
+    replace_constant_input(node, 1, as_tensor(target), names)
+
+
+@channel_rule("Split")
+def _split(node: Node, env: RuleEnv) -> Effects:
+    """Split on the channel axis hands each output its range of atoms (sizes must be static)."""
+    labels = _only_input(node, env)
+    axis = int(node.attr("axis", 0))
+    axis = axis + labels.rank if axis < 0 else axis
+    if axis != labels.axis:
+        return _same_all(node, labels, Effects())
+    sizes = _ints(env, node, 1, "split")
+    n = len(node.outputs)
+    if sizes is None:
+        if len(labels) % n:
+            raise Unsupported("uneven Split without sizes")
+        sizes = [len(labels) // n] * n
+    if sum(sizes) != len(labels) or len(sizes) != n:
+        raise Unsupported("Split sizes do not match the channels")
+    bounds = np.cumsum([0, *sizes])
+    parts = [labels.atoms[bounds[i]:bounds[i + 1]] for i in range(n)]
+    effects = Effects(handled={0})
+    for i, part in enumerate(parts):
+        effects.outputs[i] = Labels(axis, labels.rank, part)
+    effects.fixups.append(Fixup(node, _fix_split, {"parts": parts, "atoms": labels.atoms,
+                                                  "opset": default_opset(env.model)}))
+    return effects
+
+
+def _fix_split(fix: Fixup, keep: Keep, names: NameGen) -> None:
+    node = fix.node
+    sizes = [int(keep(p).sum()) for p in fix.data["parts"]]
+    if any(s == 0 for s in sizes):
+        raise ValueError(f"Split '{node.name}' would have an empty output")
+    if fix.data["opset"] >= 13:  # sizes are an input (opset 18 may also carry num_outputs)
+        replace_constant_input(node, 1, as_tensor(np.array(sizes, np.int64)), names)
+        if "num_outputs" in node.attrs:
+            del node.attrs["num_outputs"]
+    else:
+        node.attrs["split"] = sizes
+
+
+@channel_rule("Slice")
+def _slice(node: Node, env: RuleEnv) -> Effects:
+    """Slice of a contiguous channel range (step 1); other axes keep the channels."""
+    labels = _only_input(node, env)
+    opset = default_opset(env.model)
+    starts = _ints(env, node, 1, "starts") if opset >= 10 else node.attr("starts")
+    ends = _ints(env, node, 2, "ends") if opset >= 10 else node.attr("ends")
+    axes = _ints(env, node, 3, "axes") if opset >= 10 else node.attr("axes")
+    steps = _ints(env, node, 4, "steps") if opset >= 10 else None
+    if starts is None or ends is None:
+        raise Unsupported("Slice without static starts/ends")
+    axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
+    axes = [a + labels.rank if a < 0 else a for a in axes]
+    if labels.axis not in axes:
+        return Effects(outputs={0: labels}, handled={0})
+    j = axes.index(labels.axis)
+    if steps is not None and steps[j] != 1:
+        raise Unsupported("Slice of the channels with a step")
+    start, stop, _ = slice(int(starts[j]), int(ends[j])).indices(len(labels))
+    atoms = labels.atoms[start:max(start, stop)]
+    return Effects(outputs={0: Labels(labels.axis, labels.rank, atoms)}, handled={0},
+                   fixups=[Fixup(node, _fix_slice, {"j": j, "start": start, "stop": stop,
+                                                    "atoms": labels.atoms})])
+
+
+def _fix_slice(fix: Fixup, keep: Keep, names: NameGen) -> None:
+    node, j = fix.node, fix.data["j"]
+    mask = keep(fix.data["atoms"])
+    new_start = int(mask[:fix.data["start"]].sum())
+    new_stop = new_start + int(mask[fix.data["start"]:fix.data["stop"]].sum())
+    for index, new in ((1, new_start), (2, new_stop)):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is None:  # opset < 10: attributes
+            name = "starts" if index == 1 else "ends"
+            vals = list(node.attr(name))
+            vals[j] = new
+            node.attrs[name] = vals
+            continue
+        arr = value.const_value.numpy().copy()  # type: ignore[union-attr]
+        arr.reshape(-1)[j] = new
+        replace_constant_input(node, index, as_tensor(arr), names)
+
+
+@channel_rule("Concat")
+def _concat(node: Node, env: RuleEnv) -> Effects:
+    """Concat on the channel axis chains the inputs' atoms; on another axis it couples them.
+
+    An untracked input (a graph input, a frozen branch) gets frozen atoms of its own.
+    """
+    labeled = {i: lab for i, v in enumerate(node.inputs) if (lab := env.labels(v)) is not None}
+    first = next(iter(labeled.values()))
+    if any(lab.rank != first.rank or lab.axis != first.axis for lab in labeled.values()):
+        raise Unsupported("Concat of tensors whose channels are on different axes")
+    axis = int(node.attr("axis", 0))
+    axis = axis + first.rank if axis < 0 else axis
+    effects = Effects(handled=set(labeled))
+    parts = []
+    for i, value in enumerate(node.inputs):
+        lab = labeled.get(i)
+        if lab is None:
+            dim = _dim(env.shape(value), first.axis)
+            if not isinstance(dim, int):
+                raise Unsupported(f"Concat input '{value.name}' has an unknown channel count")
+            atoms = env.source(value, dim, f"concatenated with untracked value '{value.name}'")
+        else:
+            atoms = lab.atoms
+        if axis != first.axis:
+            if len(atoms) != len(first):
+                raise Unsupported("Concat of tensors with different channel counts")
+            effects.unions.append((first.atoms, atoms))
+        parts.append(atoms)
+    atoms = np.concatenate(parts) if axis == first.axis else first.atoms
+    effects.outputs[0] = Labels(first.axis, first.rank, atoms)
+    return effects
+
+
+@channel_rule("Pad")
+def _pad(node: Node, env: RuleEnv) -> Effects:
+    """Pad keeps the channels unless it pads the channel axis."""
+    labels = _only_input(node, env)
+    opset = default_opset(env.model)
+    pads = _ints(env, node, 1, "pads") if opset >= 11 else node.attr("pads")
+    axes = _ints(env, node, 3, "axes") if opset >= 18 else None
+    if pads is None:
+        raise Unsupported("Pad without static pads")
+    axes = list(range(labels.rank)) if axes is None else \
+        [a + labels.rank if a < 0 else a for a in axes]
+    if labels.axis in axes:
+        j = axes.index(labels.axis)
+        if pads[j] or pads[j + len(axes)]:
+            raise Unsupported("Pad of the channel axis")
+    return _same_all(node, labels, Effects())
+
+
+@channel_rule("Resize", "Upsample")
+def _resize(node: Node, env: RuleEnv) -> Effects:
+    """Resize/Upsample with a scale of 1 on the channel axis (or target sizes, rewritten)."""
+    labels = _only_input(node, env)
+    old = node.op_type == "Upsample" or default_opset(env.model) < 11
+    scales_at, sizes_at = (1, None) if old else (2, 3)
+    sizes = _ints(env, node, sizes_at, None) if sizes_at is not None else None
+    scales = _ints(env, node, scales_at, "scales" if old else None, float)
+    axes = node.attr("axes")
+    axes = list(range(labels.rank)) if axes is None else \
+        [int(a) + labels.rank if a < 0 else int(a) for a in axes]
+    effects = _same_all(node, labels, Effects())
+    if labels.axis not in axes:
+        return effects
+    j = axes.index(labels.axis)
+    if sizes:
+        effects.fixups.append(Fixup(node, _fix_resize, {"j": j, "atoms": labels.atoms}))
+    elif not scales or float(scales[j]) != 1.0:
+        raise Unsupported(f"{node.op_type} scales the channel axis")
+    return effects
+
+
+def _fix_resize(fix: Fixup, keep: Keep, names: NameGen) -> None:
+    node = fix.node
+    sizes = node.inputs[3].const_value.numpy().copy()  # type: ignore[union-attr]
+    sizes.reshape(-1)[fix.data["j"]] = int(keep(fix.data["atoms"]).sum())
+    replace_constant_input(node, 3, as_tensor(sizes), names)
+
+
+@channel_rule("Gather")
+def _gather(node: Node, env: RuleEnv) -> Effects:
+    """Gather along another axis moves the channel axis; along it, it picks channels."""
+    labels = _only_input(node, env)
+    axis = int(node.attr("axis", 0))
+    axis = axis + labels.rank if axis < 0 else axis
+    if axis == labels.axis:
+        raise Unsupported("Gather on the channel axis")
+    q = _rank(env, node.inputs[1])
+    if q is None:
+        raise Unsupported("Gather with indices of unknown rank")
+    new = labels.axis if axis > labels.axis else labels.axis + q - 1
+    return Effects(outputs={0: Labels(new, labels.rank + q - 1, labels.atoms)}, handled={0})

@@ -1,0 +1,393 @@
+"""``prune``: structured channel pruning on the ONNX graph.
+
+For every prunable channel group (the :class:`ChannelGroups` analysis) the pass chooses the
+channels to keep from their importance (the :class:`ChannelImportance` analysis), then slices
+every tensor of the group along its axis: producer weights and biases, consumer weights,
+BatchNormalization parameters, per-channel constants, and the shapes of the activations.
+Attribute and constant fix-ups recorded by the channel rules follow (a depthwise Conv's
+``group``, Reshape targets, Split sizes, Slice bounds, Resize sizes), and ``dce`` clears what
+is left over. Constants become lazy slices: nothing is copied before export.
+
+How many channels a group keeps (``size`` channels, removal ``ratio``)::
+
+    keep = size - floor(size * ratio)           # scope=local, target=channels
+    keep = round_to * ceil(keep / round_to)     # rounded up to a multiple of round_to
+    keep = min(size, max(keep, min_channels))
+
+``round_to`` defaults to 8 for groups of at least 16 channels, 4 for groups of 8 to 15 and 1
+below: channel counts that are multiples of the CPU vector width keep ONNX Runtime on its
+blocked (NCHWc) kernels, which a pruned model must not lose to stay faster than the
+original. Rounding up means a group never loses more than ``ratio`` of its channels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from edgeopt.ir import LazyTensor, Model, Node, Tensor
+
+from ._base import Context, OptionError, PassResult
+from ._manager import model_stats
+from ._registry import register_pass
+from ._util import NameGen, replace_constant_input
+from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record
+from .analyses.costs import MAC_RULES, bind_batch, layer_costs
+from .dce import dce
+
+__all__ = ["PruneOptions", "apply", "keep_count", "keep_nonempty", "plan", "prune"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Options of ``prune``.
+
+    Attributes:
+        ratio: fraction of channels removed from every prunable group (``target=channels``),
+            or the fraction of parameters / MACs to remove (``target=params|macs``).
+        importance: the importance criterion (``l1``, ``l2``, ``bn``, ``fpgm``, ``act``,
+            ``random`` or a registered one).
+        scope: ``local`` removes ``ratio`` of each group; ``global`` ranks the normalized
+            scores of all groups together and removes the lowest ``ratio`` of all channels.
+        thresh: remove the channels whose normalized score is below this (instead of
+            ``ratio``).
+        min_channels: channels every group keeps at least.
+        round_to: kept channel counts are rounded up to a multiple of this (None: 8 for
+            groups of >= 16 channels, 4 for 8..15, 1 below).
+        exclude: ``|``-separated fnmatch patterns; groups whose producer nodes or weights
+            match one are left alone.
+        overrides: per-layer ratios, ``|``-separated ``pattern:ratio`` entries
+            (``overrides=conv1*:0.2|fc*:0.7``); a group whose producer nodes or weights match
+            a pattern (the first that matches wins) loses that fraction of its channels,
+            whatever ``scope``, ``thresh`` and ``target`` do with the other groups.
+        target: what ``ratio`` measures: ``channels``, ``params`` or ``macs`` (the uniform
+            channel ratio that removes that fraction is searched for).
+    """
+
+    ratio: float = 0.5
+    importance: str = "l1"
+    scope: Literal["local", "global"] = "local"
+    thresh: float | None = None
+    min_channels: int = 1
+    round_to: int | None = None
+    exclude: tuple[str, ...] = ()
+    target: Literal["channels", "params", "macs"] = "channels"
+    overrides: tuple[str, ...] = ()
+
+    def override_ratios(self) -> list[tuple[str, float]]:
+        """``overrides`` parsed into ``(pattern, ratio)`` pairs.
+
+        Raises:
+            ValueError: an entry is not ``pattern:ratio`` with a ratio in [0, 1).
+        """
+        pairs = []
+        for entry in self.overrides:
+            pattern, sep, value = entry.rpartition(":")
+            try:
+                ratio = float(value)
+            except ValueError:
+                ratio = -1.0
+            if not sep or not pattern or not 0.0 <= ratio < 1.0:
+                raise ValueError(f"override {entry!r} must be pattern:ratio with a ratio in "
+                                 "[0, 1)")
+            pairs.append((pattern, ratio))
+        return pairs
+
+    def validate(self) -> None:
+        """Raise ValueError for out-of-range values."""
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.min_channels < 1:
+            raise ValueError("min_channels must be >= 1")
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError("round_to must be >= 1")
+        self.override_ratios()
+        if self.thresh is not None and self.target != "channels":
+            raise ValueError("thresh removes channels by score; it cannot be combined with "
+                             f"target={self.target}")
+
+
+def auto_round_to(size: int) -> int:
+    """The default ``round_to`` of a group of ``size`` channels."""
+    return 8 if size >= 16 else 4 if size >= 8 else 1
+
+
+def keep_count(size: int, removed: int, min_channels: int = 1, round_to: int | None = None
+               ) -> int:
+    """How many of ``size`` channels stay when ``removed`` are asked to go (see module doc)."""
+    step = auto_round_to(size) if round_to is None else round_to
+    keep = size - max(0, min(size, removed))
+    keep = step * math.ceil(keep / step) if keep else 0
+    return int(min(size, max(keep, min_channels, 0)))
+
+
+# -- choosing channels ----------------------------------------------------------------------------
+def _lowest(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` lowest scores (ties: the later channel goes first), sorted."""
+    order = np.lexsort((-np.arange(len(scores)), scores))
+    return np.sort(order[:n])
+
+
+def plan(groups: list[ChannelGroup], scores: Mapping[int, np.ndarray], opts: PruneOptions,
+         ratio: float | None = None) -> dict[int, np.ndarray]:
+    """The channels to remove per group id (groups that lose nothing are left out).
+
+    Args:
+        groups: the candidate groups (prunable, not excluded).
+        scores: normalized importance per group id, ``[group.size]``.
+        opts: the options (scope, thresh, overrides, min_channels, round_to).
+        ratio: the channel ratio (defaults to ``opts.ratio``).
+    """
+    ratio = opts.ratio if ratio is None else ratio
+    fixed = {g.id: r for g in groups if (r := _override(g, opts.override_ratios())) is not None}
+    wanted = {gid: math.floor(next(g.size for g in groups if g.id == gid) * r + 1e-9)
+              for gid, r in fixed.items()}
+    free = [g for g in groups if g.id not in fixed]
+    if opts.thresh is not None:
+        wanted.update({g.id: int((scores[g.id] < opts.thresh).sum()) for g in free})
+    elif opts.scope == "global" and free:
+        everything = np.concatenate([scores[g.id] for g in free])
+        owner = np.concatenate([[g.id] * g.size for g in free])
+        lowest = _lowest(everything, math.floor(len(everything) * ratio + 1e-9))
+        counts = np.bincount(owner[lowest].astype(np.int64), minlength=1 + max(
+            g.id for g in free))
+        wanted.update({g.id: int(counts[g.id]) for g in free})
+    else:
+        wanted.update({g.id: math.floor(g.size * ratio + 1e-9) for g in free})
+    removed = {}
+    for g in groups:
+        keep = keep_count(g.size, wanted[g.id], opts.min_channels, opts.round_to)
+        if keep < g.size:
+            removed[g.id] = _lowest(scores[g.id], g.size - keep)
+    return removed
+
+
+def _names(group: ChannelGroup) -> list[str]:
+    return [*group.producers, *(m.value.name for m in group.producer_weights())]
+
+
+def _override(group: ChannelGroup, overrides: list[tuple[str, float]]) -> float | None:
+    """The ratio of the first override whose pattern matches one of the group's names."""
+    names = _names(group)
+    return next((r for p, r in overrides if any(fnmatch.fnmatchcase(n, p) for n in names)),
+                None)
+
+
+def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in _names(group))
+
+
+def _scores(ctx: Context, groups: list[ChannelGroup], criterion: str
+            ) -> dict[int, np.ndarray]:
+    """Normalized importance of each group's channels."""
+    try:
+        from .analyses.importance import ChannelImportance
+    except ImportError:  # the importance analysis is optional: plain L1 of the filters
+        if criterion != "l1":
+            raise OptionError(f"importance={criterion} needs the importance analysis "
+                              "(edgeopt.passes.analyses.importance), which is unavailable; "
+                              "only l1 works without it") from None
+        return {g.id: _l1(g) for g in groups}
+    importance = ctx.analysis(ChannelImportance, criterion=criterion)
+    return {g.id: np.asarray(importance[g], dtype=np.float64) for g in groups}
+
+
+def _l1(group: ChannelGroup) -> np.ndarray:
+    total = np.zeros(group.size)
+    for m in group.producer_weights():
+        w = np.moveaxis(np.abs(np.asarray(m.value.const_value.numpy(), np.float64)), m.axis, 0)
+        total += w[m.positions].reshape(group.size, -1).mean(axis=1)
+    return total / total.mean() if total.mean() > 0 else total
+
+
+# -- cost estimates (for target=params|macs) -------------------------------------------
+class _Estimator:
+    """Parameters and MACs after removing channels, without touching the model."""
+
+    def __init__(self, model: Model, groups: ChannelGroups) -> None:
+        self.uses: dict[tuple[int, int], list[Record]] = defaultdict(list)
+        for rec in groups.records:
+            if rec.node is not None:
+                self.uses[(id(rec.node), rec.index)].append(rec)
+        self.params = model_stats(model).params
+        self.macs = _macs_by_output(model)
+        self.weight_of = {node.outputs[0].name: (id(node), 1) for node in model.graph
+                          if node.op_type in MAC_RULES and len(node.inputs) > 1}
+
+    def fractions(self, keep: Keep) -> dict[tuple[int, int], float]:
+        out = {}
+        for use, recs in self.uses.items():
+            frac = 1.0
+            for rec in recs:
+                frac *= float(keep(rec.atoms).mean()) if len(rec.atoms) else 1.0
+            out[use] = frac
+        return out
+
+    def after(self, keep: Keep) -> tuple[float, float]:
+        frac = self.fractions(keep)
+        params = self.params - sum(float(np.prod(recs[0].value.const_value.shape))
+                                   * (1 - frac[use]) for use, recs in self.uses.items()
+                                   if recs[0].value.const_value is not None)
+        macs = sum(m * frac.get(self.weight_of.get(name, (0, 0)), 1.0)
+                   for name, m in self.macs.items())
+        return params, macs
+
+
+def _macs_by_output(model: Model) -> dict[str, int]:
+    try:
+        costs = layer_costs(bind_batch(model))
+    except Exception as e:  # costs are a report, never a reason to fail
+        log.debug("prune: MACs unavailable: %s", e)
+        return {}
+    outputs = {n.name or n.outputs[0].name: n.outputs[0].name for n in model.walk()}
+    return {outputs.get(c.node, c.node): c.macs for c in costs}
+
+
+def _search_ratio(groups: list[ChannelGroup], scores: Mapping[int, np.ndarray],
+                  opts: PruneOptions, cg: ChannelGroups, est: _Estimator
+                  ) -> dict[int, np.ndarray]:
+    """The plan of the smallest channel ratio that removes ``opts.ratio`` of params/MACs."""
+    base = est.params if opts.target == "params" else sum(est.macs.values())
+
+    def reduction(r: float) -> tuple[float, dict[int, np.ndarray]]:
+        p = plan(groups, scores, opts, r)
+        params, macs = est.after(cg.keep_fn(p))
+        left = params if opts.target == "params" else macs
+        return (1.0 - left / base if base else 0.0), p
+
+    lo, hi = 0.0, 0.999
+    best = reduction(hi)[1]
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        got, p = reduction(mid)
+        if got >= opts.ratio:
+            hi, best = mid, p
+        else:
+            lo = mid
+    return best
+
+
+def keep_nonempty(cg: ChannelGroups, removed: dict[int, np.ndarray],
+                  scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Give back channels so that no activation loses all of its channels.
+
+    A Split or Slice output holds only some channels of its group; a plan that removes all
+    of them would leave an empty tensor. The best-scored channel of such an output stays
+    (which may break ``round_to`` for that group).
+    """
+    removed = {gid: np.asarray(ch) for gid, ch in removed.items()}
+    for _ in range(len(cg.records)):
+        keep = cg.keep_fn(removed)
+        empty = [r for r in cg.records if r.node is None and len(r.atoms)
+                 and not keep(r.atoms).any()]
+        if not empty:
+            break
+        gids, channels = cg.locate(empty[0].atoms)
+        gid, channel = max(zip(gids.tolist(), channels.tolist(), strict=True),
+                           key=lambda gc: (gc[0] in removed, scores[gc[0]][gc[1]]
+                                           if gc[0] in scores else 0.0))
+        removed[gid] = removed[gid][removed[gid] != channel]
+        if not len(removed[gid]):
+            del removed[gid]
+    return removed
+
+
+# -- rewriting ------------------------------------------------------------------------------------
+def _sliced(tensor: Tensor, cuts: list[tuple[int, np.ndarray]]) -> LazyTensor:
+    shape = list(tensor.shape)
+    for axis, idx in cuts:
+        shape[axis] = len(idx)
+
+    def compute() -> np.ndarray:
+        arr = tensor.numpy()
+        for axis, idx in cuts:
+            arr = np.take(arr, idx, axis=axis)
+        return arr
+
+    return LazyTensor(compute, tensor.dtype, tuple(shape))
+
+
+def apply(model: Model, groups: ChannelGroups, keep: Keep) -> int:
+    """Slice every record and apply the fix-ups; returns how many tensors changed."""
+    names = NameGen(model)
+    uses: dict[tuple[int, int], tuple[Node, list[Record]]] = {}
+    changed = 0
+    for rec in groups.records:
+        if rec.node is None:
+            mask = keep(rec.atoms)
+            if not mask.all() and rec.value.shape is not None:
+                shape = list(rec.value.shape)
+                shape[rec.axis] = int(mask.sum())
+                rec.value.shape = tuple(shape)
+            continue
+        uses.setdefault((id(rec.node), rec.index), (rec.node, []))[1].append(rec)
+    for node, recs in uses.values():
+        cuts = [(r.axis, np.flatnonzero(keep(r.atoms))) for r in recs]
+        if all(len(idx) == len(r.atoms) for (_, idx), r in zip(cuts, recs, strict=True)):
+            continue
+        value = node.inputs[recs[0].index]
+        replace_constant_input(node, recs[0].index, _sliced(value.const_value, cuts), names)
+        changed += 1
+    for fix in groups.fixups:
+        if not keep(fix.data["atoms"]).all():
+            fix.apply(fix, keep, names)
+    return changed
+
+
+def _total_macs(model: Model) -> int:
+    return sum(_macs_by_output(model).values())
+
+
+@register_pass("prune", options=PruneOptions, primary="ratio")
+def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
+    """Remove low-importance channels of every prunable channel group.
+
+    ``prune:0.6`` removes 60% of the channels of each group (see :class:`PruneOptions` for
+    ``scope``, ``thresh``, ``round_to``, ``min_channels``, ``exclude``, ``overrides`` and
+    ``target``). No Split/Slice output is ever emptied (see :func:`keep_nonempty`). Frozen
+    groups (graph outputs, channel shuffles, ops without a channel rule, ...) are never
+    touched. Requires: a model whose main graph is topologically sorted. Preserves: nothing
+    when it modifies; outputs are unchanged when the removed channels contribute nothing.
+
+    Stats: ``groups``, ``groups_prunable``, ``groups_pruned``, ``channels``,
+    ``channels_removed``, ``params_before``/``params_after``, ``macs_before``/``macs_after``
+    and ``theta`` = (params_before - params_after) / params_before.
+    """
+    cg = ctx.analysis(ChannelGroups)
+    candidates = [g for g in cg.prunable() if not _excluded(g, opts.exclude)]
+    params_before, macs_before = model_stats(model).params, _total_macs(model)
+    removed: dict[int, np.ndarray] = {}
+    if candidates and (opts.ratio > 0 or opts.thresh is not None or opts.overrides):
+        scores = _scores(ctx, candidates, opts.importance)
+        if opts.target == "channels":
+            removed = plan(candidates, scores, opts)
+        else:
+            removed = _search_ratio(candidates, scores, opts, cg, _Estimator(model, cg))
+        removed = keep_nonempty(cg, removed, scores)
+    stats: dict[str, int | float] = {
+        "groups": len(cg.groups), "groups_prunable": len(candidates),
+        "groups_pruned": len(removed), "channels": sum(g.size for g in candidates),
+        "channels_removed": sum(len(r) for r in removed.values()),
+        "params_before": params_before, "macs_before": macs_before}
+    if not removed:
+        stats.update(params_after=params_before, macs_after=macs_before, theta=0.0)
+        return PassResult(modified=False, stats=stats)
+    for gid, channels in removed.items():
+        log.info("prune: group %d (%s): %d -> %d channels", gid,
+                 ", ".join(cg.groups[gid].producers[:3]), cg.groups[gid].size,
+                 cg.groups[gid].size - len(channels))
+    apply(model, cg, cg.keep_fn(removed))
+    dce(model, ctx)
+    params_after = model_stats(model).params
+    stats.update(params_after=params_after, macs_after=_total_macs(model),
+                 theta=(params_before - params_after) / params_before if params_before else 0.0)
+    return PassResult(modified=True, stats=stats)
