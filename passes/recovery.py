@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 import scipy.linalg
 
-__all__ = ["LayerSpec", "bias_compensation", "im2col", "least_squares_refit",
-           "match_batchnorm", "reestimate_batchnorm"]
+__all__ = ["LayerSpec", "bias_compensation", "im2col", "layer_output", "least_squares_refit",
+           "match_batchnorm", "reconstruction_error", "reestimate_batchnorm"]
 
 Layout = Literal["in_out", "out_in"]
 Rows = Callable[[np.ndarray], np.ndarray]  # row indices -> float64 design rows
@@ -437,6 +437,60 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
     else:
         w_out = w_new if spec.layout == "in_out" else w_new.T
     return np.ascontiguousarray(w_out, dt), np.asarray(b_new, dt), report
+
+
+def reconstruction_error(weight: np.ndarray, bias: np.ndarray | None, x_samples: np.ndarray,
+                         keep: Sequence[int], new_weight: np.ndarray, new_bias: np.ndarray,
+                         spec: LayerSpec, max_rows: int = 16384, seed: int = 0
+                         ) -> tuple[float, float]:
+    """Relative output errors ``(drop, new)`` of a consumer whose inputs lost channels.
+
+    ``drop`` is the error of the sliced weights with the old bias, ``new`` that of
+    ``(new_weight, new_bias)`` (over the kept channels, original layout), both as
+    ``||Y' - Y||_F / ||Y||_F`` against the unpruned output on (a seeded subset of at most
+    ``max_rows`` rows of) ``x_samples``.
+    """
+    spec.check()
+    keep = np.asarray(keep, np.int64)
+    w = np.asarray(weight, np.float64)
+    w2 = (w if spec.layout == "in_out" else w.T) if spec.kind == "gemm" else \
+        w.reshape(w.shape[0], -1).T
+    nw = np.asarray(new_weight, np.float64)
+    nw2 = (nw if spec.layout == "in_out" else nw.T) if spec.kind == "gemm" else \
+        nw.reshape(nw.shape[0], -1).T
+    per = math.prod(w.shape[2:]) if spec.kind == "conv" else 1
+    b0 = np.zeros(w2.shape[1]) if bias is None else \
+        np.broadcast_to(np.asarray(bias, np.float64).ravel(), w2.shape[1])
+    full, total, per_sample = _row_source(np.asarray(x_samples), w.shape[2:], spec,
+                                          w2.shape[0] // per)
+    cols = (keep[:, None] * per + np.arange(per)).ravel()
+    design = _Design(full, None, cols, w2, b0, total, per_sample)
+    rows, _ = _split(design, max_rows, 0.0, seed)
+    m = design.moments(rows)
+    return m.rel_err(w2[cols], b0), m.rel_err(nw2, np.asarray(new_bias, np.float64).ravel())
+
+
+def layer_output(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, spec: LayerSpec,
+                 batch: int = 8) -> Iterable[np.ndarray]:
+    """The consumer's output on ``x``, ``batch`` samples at a time (float64).
+
+    Conv outputs are ``[n, out, *out_spatial]``, gemm outputs ``[..., out]``.
+    """
+    spec.check()
+    w = np.asarray(weight, np.float64)
+    if spec.kind == "gemm":
+        w2 = w if spec.layout == "in_out" else w.T
+    else:
+        w2 = w.reshape(w.shape[0], -1).T
+    b = 0.0 if bias is None else np.asarray(bias, np.float64).ravel()
+    for i in range(0, len(x), batch):
+        xb = np.asarray(x[i:i + batch], np.float64)
+        if spec.kind == "gemm":
+            yield xb @ w2 + b
+            continue
+        out = _patch_view(xb, w.shape[2:], spec).shape[2:2 + w.ndim - 2]
+        y = im2col(xb, w.shape[2:], spec) @ w2 + b
+        yield np.moveaxis(y.reshape(len(xb), *out, -1), -1, 1)
 
 
 # -- BatchNormalization ------------------------------------------------------------------------
