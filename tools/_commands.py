@@ -23,8 +23,8 @@ from .cli import print_json
 
 __all__ = ["cmd_compare", "cmd_demo", "cmd_info", "cmd_optimize", "cmd_passes"]
 
-#: The headline pipeline of `edgeopt demo`; it grows as passes land (prune, quant, C output).
-DEMO_PIPELINE = "simplify"
+#: The headline pipeline of `edgeopt demo`; it grows as passes land (quant, C output).
+DEMO_PIPELINE = "simplify,prune:0.5"
 
 
 class _Announce:
@@ -275,27 +275,30 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _demo_files() -> tuple[str, str]:
+def _demo_files() -> tuple[str, str, str]:
     here = os.path.dirname(os.path.abspath(__file__))
     for root in (os.path.join(here, "..", "examples"), os.path.join(os.getcwd(), "examples")):
-        model = os.path.join(root, "digits", "cnn.onnx")
-        data = os.path.join(root, "digits", "digits_16x16.npz")
-        if os.path.isfile(model) and os.path.isfile(data):
-            return os.path.normpath(model), os.path.normpath(data)
+        files = [os.path.join(root, "digits", f)
+                 for f in ("cnn.onnx", "digits_16x16.npz", "calib.npz")]
+        if all(os.path.isfile(f) for f in files):
+            return tuple(os.path.normpath(f) for f in files)  # type: ignore[return-value]
     raise EdgeoptError("the bundled example (examples/digits/cnn.onnx) was not found; run "
                        "'edgeopt demo' from a checkout of edgeopt")
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     """Optimize the bundled digits CNN, then check its accuracy in ONNX Runtime."""
-    model_path, data_path = _demo_files()
+    model_path, data_path, calib_path = _demo_files()
     with np.load(data_path, allow_pickle=False) as data:
         test_x, test_y = data["test_x"], data["test_y"]
     os.makedirs(args.output, exist_ok=True)
     out = output_path(model_path, args.output + os.sep)
-    console.info(f"edgeopt demo: {model_path} -p {DEMO_PIPELINE} -> {out}")
+    console.info(f"edgeopt demo: {model_path} -p {DEMO_PIPELINE} --calib {calib_path} -> {out}")
     model = ir.load(model_path)
-    report = PassManager(DEMO_PIPELINE, instruments=[_Announce(console)]).run(model, Context())
+    from edgeopt.passes.calib import load_calibration
+
+    ctx = Context(calib=load_calibration(calib_path, model), progress=console.progress)
+    report = PassManager(DEMO_PIPELINE, instruments=[_Announce(console)]).run(model, ctx)
     ir.save(model, out)
     acc = {}
     for label, path in (("original", model_path), ("optimized", out)):

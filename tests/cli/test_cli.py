@@ -166,3 +166,13 @@ def test_prune_from_the_command_line(tmp_path, capsys):
     assert prune["stats"]["params_after"] < prune["stats"]["params_before"] / 2
     assert report["after"]["params"] < report["before"]["params"] / 2
     assert onnx.load(out).graph.output[0].type.tensor_type.shape.dim[1].dim_value == 10
+
+
+def test_demo_prunes_the_bundled_cnn_without_losing_accuracy(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--json", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in data["steps"]] == ["simplify", "prune"]
+    assert data["after"]["params"] < data["before"]["params"] / 3
+    assert data["accuracy"]["original"] == pytest.approx(357 / 360)
+    assert data["accuracy"]["optimized"] >= 0.97
+    assert os.path.isfile(data["output"])
