@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeopt.ir import LazyTensor, Model, Node, Tensor, Value
+from edgeopt.ir import Model, Node, Tensor, Value
 
 from ._base import Context, PassResult
 from ._registry import register_pass
@@ -20,6 +20,7 @@ from ._util import (
     default_opset,
     is_default_domain,
     replace_constant_input,
+    scaled_tensor,
     substitute,
 )
 
@@ -96,21 +97,6 @@ def _affine(node: Node, cx: _Ctx) -> _Affine | None:
     return _Affine(node, a, bias - mean * a)
 
 
-def _scaled(w: Tensor, factor: np.ndarray, view: tuple[int, ...],
-            fshape: tuple[int, ...]) -> LazyTensor:
-    """``w`` viewed as ``view`` times ``factor`` reshaped to ``fshape``, in float64, cast back.
-
-    Computed only when the data is needed (export, a numeric check), so folding a 400 MB
-    weight costs nothing until then.
-    """
-    factor = factor.reshape(fshape)
-
-    def compute() -> np.ndarray:
-        arr = np.asarray(w.numpy(), dtype=np.float64).reshape(view)
-        return (arr * factor).reshape(w.shape).astype(w.dtype.numpy())
-
-    return LazyTensor(compute, w.dtype, w.shape)
-
 
 def _sole_reader(bn: _Affine, producer: Node) -> bool:
     x = bn.x
@@ -136,7 +122,7 @@ def _into_conv(bn: _Affine, conv: Node, cx: _Ctx) -> Value | None:
     bias = cx.const(bias_v) if bias_v is not None else np.zeros(c_out)
     if c_out != len(bn.a) or bias is None or bias.shape != (c_out,):
         return None
-    replace_constant_input(conv, 1, _scaled(w, bn.a, view, fshape), cx.names)
+    replace_constant_input(conv, 1, scaled_tensor(w, bn.a, view, fshape), cx.names)
     new_bias = (bias.astype(np.float64) * bn.a + bn.b).astype(w.dtype.numpy())
     replace_constant_input(conv, 2, as_tensor(new_bias), cx.names)
     return conv.outputs[0]
@@ -156,7 +142,7 @@ def _into_gemm(bn: _Affine, gemm: Node, cx: _Ctx) -> Value | None:
     beta = gemm.attr("beta", 1.0) if c_v is not None else 0.0
     new_c = beta * c.astype(np.float64) * bn.a + bn.b  # broadcasts as Gemm broadcasts C
     fshape = (n, 1) if trans_b else (1, n)
-    replace_constant_input(gemm, 1, _scaled(w, bn.a, tuple(w.shape), fshape), cx.names)
+    replace_constant_input(gemm, 1, scaled_tensor(w, bn.a, tuple(w.shape), fshape), cx.names)
     replace_constant_input(gemm, 2, as_tensor(new_c.astype(w.dtype.numpy())), cx.names)
     gemm.attrs["beta"] = 1.0
     return gemm.outputs[0]
@@ -173,7 +159,7 @@ def _into_matmul(bn: _Affine, matmul: Node, cx: _Ctx) -> Value | None:
     assert graph is not None
     base = bn.node.name or bn.y.name
     new_w = add_constant(graph, cx.names, f"{base}_weight",
-                         _scaled(w, bn.a, tuple(w.shape), (1, -1)))
+                         scaled_tensor(w, bn.a, tuple(w.shape), (1, -1)))
     new_c = add_constant(graph, cx.names, f"{base}_bias", as_tensor(bn.b.astype(w.dtype.numpy())))
     out = Value(cx.names.fresh(f"{base}_gemm"), bn.y.dtype, bn.y.shape)
     gemm = Node("Gemm", [a_in, new_w, new_c], name=out.name, outputs=[out])
@@ -227,7 +213,7 @@ def _forward_weights(bn: _Affine, conv: Node, cx: _Ctx) -> tuple[Tensor, np.ndar
     fshape = (group, 1, w.shape[1], 1)
     arr = np.asarray(w.numpy(), dtype=np.float64).reshape(view)
     shift = (arr * bn.b.reshape(fshape)).sum(axis=(2, 3)).reshape(-1)
-    new_w = _scaled(w, bn.a, view, fshape)
+    new_w = scaled_tensor(w, bn.a, view, fshape)
     return new_w, (bias.astype(np.float64) + shift).astype(w.dtype.numpy())
 
 

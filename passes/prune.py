@@ -445,7 +445,7 @@ def _chunks(act: Activations, names: list[str], n: int, factor: float = 1.0
     """Split ``names`` into requests of ``n`` samples that fit ``act.max_bytes / factor``."""
     budget = act.max_bytes / factor
     sizes = {x: 4.0 * n * math.prod(act.stats[x].shape[1:]) * 1.1 if x in act.stats else
-             n * act._per_sample.get(x, 0.0) * 1.1 for x in names}
+             n * act.bytes_per_sample(x) * 1.1 for x in names}
     chunks: list[list[str]] = []
     for name in names:
         if chunks and sum(sizes[x] for x in chunks[-1]) + sizes[name] <= budget:

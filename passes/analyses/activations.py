@@ -484,6 +484,10 @@ class Activations:
         return outs
 
     # -- raw activations ----------------------------------------------------------------------
+    def bytes_per_sample(self, name: str) -> float:
+        """Bytes one calibration sample of value ``name`` takes (0 when unknown)."""
+        return float(self._per_sample.get(name, 0.0))
+
     def samples(self, names: Iterable[str], n: int) -> dict[str, np.ndarray]:
         """Raw activations of ``names`` for the first ``n`` calibration samples.
 
