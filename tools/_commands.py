@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
-import time
+import tempfile
 from collections import Counter
 from typing import Any
 
@@ -17,8 +18,10 @@ from edgeopt.passes import Context, PassManager, list_passes, parse_pipeline, pl
 from edgeopt.passes._options import describe_type
 from edgeopt.passes.analyses.costs import bind_batch, layer_costs
 
+from . import _layer_diff as layer_diff
 from ._console import Console, format_table, human_bytes
 from ._files import output_path, write_text_atomic
+from ._runtime import THREADS, WARMUP, OrtModel, feeds_for, median_latencies_ms
 from .cli import print_json
 
 __all__ = ["cmd_compare", "cmd_demo", "cmd_info", "cmd_optimize", "cmd_passes"]
@@ -61,25 +64,89 @@ def _external(choice: str) -> bool | None:
 
 
 def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
-    """Run a pipeline on a model and write the result."""
+    """Run a pipeline on a model and write the result (with --measure, time both in ORT)."""
     passes = resolve(parse_pipeline(args.pipeline))  # bad specs fail before any work
     out = output_path(args.model, args.output)
+    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise EdgeoptError(f"{args.report}: folder does not exist")
     model = ir.load(args.model)
     _verify_input(model, args.model)
-    ctx = Context(calib=_load_calib(args, model), progress=console.progress)
+    calib = _load_calib(args, model)
+    bench = _Bench(args, model, calib) if args.measure else None  # fails before any work
+    layers_before = layer_diff.snapshot(model)
+    ctx = Context(calib=calib, progress=console.progress)
     manager = PassManager(passes, verify="each" if args.verify_each else "end",
                           instruments=[_Announce(console)])
     report = manager.run(model, ctx)
-    ir.save(model, out, external_data=_external(args.external_data))
+    layers_after = layer_diff.snapshot(model)
+    changes = layer_diff.diff(layers_before, layers_after)
+    external = _external(args.external_data)
+    latency = bench.measure(model, out, external, console) if bench else None
+    ir.save(model, out, external_data=external)  # only once everything above succeeded
+    result = {**report.to_dict(), "input": args.model, "output": out,
+              "layers": layer_diff.to_dicts(changes),
+              "macs": {"before": layer_diff.totals(layers_before)["macs"],
+                       "after": layer_diff.totals(layers_after)["macs"]}}
+    if latency is not None:
+        result["latency"] = latency
     if args.report:
-        write_text_atomic(args.report, report.to_json() + "\n")
+        write_text_atomic(args.report, json.dumps(result, indent=2, default=str) + "\n")
     if args.json:
-        print_json({**report.to_dict(), "input": args.model, "output": out})
-    else:
-        print(report.table())
-        before, after = os.path.getsize(args.model), os.path.getsize(out)
-        print(f"wrote {out} ({human_bytes(before)} -> {human_bytes(after)})")
+        print_json(result)
+        return 0
+    print(report.table())
+    if changes:
+        print()
+        print(layer_diff.format_changes(changes, None if args.layers else layer_diff.MAX_ROWS))
+        macs = result["macs"]
+        if macs["before"] is not None and macs["after"] is not None:
+            print(f"MACs (batch 1): {macs['before']:,} -> {macs['after']:,}"
+                  + (f" ({macs['after'] / macs['before'] - 1:+.1%})" if macs["before"] else ""))
+    if latency is not None:
+        print(_latency_line(latency))
+    before, after = os.path.getsize(args.model), os.path.getsize(out)
+    print(f"wrote {out} ({human_bytes(before)} -> {human_bytes(after)})")
     return 0
+
+
+class _Bench:
+    """``--measure``: ORT latency of the input and the optimized model on the same input.
+
+    The input model is loaded (and run once) at construction, so a model ONNX Runtime
+    cannot run fails before the pipeline does any work.
+    """
+
+    def __init__(self, args: argparse.Namespace, model: ir.Model, calib: Any) -> None:
+        self.runs = args.runs
+        self.feeds = feeds_for(model, calib, batch=1)
+        self.inputs = "first calibration sample" if calib is not None else "random (seed 0)"
+        self.source = OrtModel(args.model)
+        self.source.run(self.feeds)
+
+    def measure(self, model: ir.Model, out: str, external: bool | None,
+                console: Console) -> dict[str, Any]:
+        """Time both models; the optimized one from a temporary copy (``out`` is untouched).
+
+        Raises:
+            EdgeoptError: ONNX Runtime cannot load or run the optimized model.
+        """
+        console.info(f"measuring latency ({self.runs} runs each) ...")
+        with tempfile.TemporaryDirectory(prefix="edgeopt-measure-") as tmp:
+            path = os.path.join(tmp, os.path.basename(out))
+            ir.save(model, path, external_data=external)
+            optimized = OrtModel(path, label=f"{out} (optimized model; not written)")
+            before, after = median_latencies_ms([self.source, optimized], self.feeds,
+                                                self.runs)
+        return {"before_ms": before, "after_ms": after,
+                "speedup": before / after if after else None, "runs": self.runs,
+                "warmup": WARMUP, "threads": THREADS, "batch": 1, "inputs": self.inputs}
+
+
+def _latency_line(lat: dict[str, Any]) -> str:
+    speedup = f"{lat['speedup']:.2f}x" if lat["speedup"] else "-"
+    return (f"latency: {lat['before_ms']:.3f} ms -> {lat['after_ms']:.3f} ms ({speedup})  "
+            f"[ORT CPU, {lat['threads']} threads, batch 1, median of {lat['runs']} runs, "
+            f"{lat['inputs']} input]")
 
 
 def _type_str(v: ir.Value) -> str:
@@ -195,48 +262,6 @@ def cmd_passes(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _session(path: str, threads: int = 2) -> Any:
-    import onnxruntime as ort
-
-    ir.load(path)  # the safety checks run before ONNX Runtime parses the file
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise EdgeoptError(f"{path}: ONNX Runtime cannot load it: "
-                           f"{str(e).splitlines()[0]}") from None
-
-
-def _inputs_for(args: argparse.Namespace, model: ir.Model, console: Console) -> dict:
-    if args.calib:
-        calib = _load_calib(args, model)
-        return {k: v for k, v in next(iter(calib.batches(calib.num_samples))).items()}
-    console.info("warning: no --calib given; comparing on 8 seeded random inputs")
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for v in model.graph.inputs:
-        if v.is_initializer():
-            continue
-        if v.shape is None or v.dtype is None:
-            raise EdgeoptError(f"input {v.name!r} has no static type; pass --calib")
-        shape = [8] + [d if isinstance(d, int) else 1 for d in v.shape[1:]]
-        feeds[v.name] = rng.standard_normal(shape).astype(v.dtype.numpy())
-    return feeds
-
-
-def _median_ms(sess: Any, feeds: dict, runs: int) -> float:
-    one = {k: v[:1] for k, v in feeds.items()}
-    sess.run(None, one)
-    times = []
-    for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        sess.run(None, one)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
 def compare_outputs(ya: list[np.ndarray], yb: list[np.ndarray]) -> list[dict[str, Any]]:
     """Per-output max abs error, cosine similarity and (for [N, C] outputs) top-1 agreement."""
     rows = []
@@ -258,10 +283,13 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     names_b = [v.name for v in model_b.graph.inputs if not v.is_initializer()]
     if names_a != names_b:
         raise EdgeoptError(f"the models have different inputs: {names_a} vs {names_b}")
-    feeds = _inputs_for(args, model_a, console)
-    sa, sb = _session(args.a), _session(args.b)
-    rows = compare_outputs(sa.run(None, feeds), sb.run(None, feeds))
-    ms_a, ms_b = _median_ms(sa, feeds, args.runs), _median_ms(sb, feeds, args.runs)
+    calib = _load_calib(args, model_a)
+    if calib is None:
+        console.info("warning: no --calib given; comparing on 8 seeded random inputs")
+    feeds = feeds_for(model_a, calib, batch=None)
+    sa, sb = OrtModel(args.a), OrtModel(args.b)
+    rows = compare_outputs(sa.run(feeds), sb.run(feeds))
+    ms_a, ms_b = median_latencies_ms([sa, sb], feeds_for(model_a, calib, batch=1), args.runs)
     result = {"outputs": rows, "latency_ms": {"a": ms_a, "b": ms_b},
               "latency_ratio_b_over_a": ms_b / ms_a if ms_a else None}
     if args.json:
@@ -302,7 +330,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     ir.save(model, out)
     acc = {}
     for label, path in (("original", model_path), ("optimized", out)):
-        logits = _session(path).run(None, {"input": test_x})[0]
+        logits = OrtModel(path).run({"input": test_x})[0]
         acc[label] = float(np.mean(logits.argmax(1) == test_y))
     if args.json:
         print_json({**report.to_dict(), "output": out, "accuracy": acc})

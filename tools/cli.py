@@ -1,6 +1,6 @@
 """The ``edgeopt`` command.
 
-    edgeopt MODEL -p SPEC [-o OUT] [--calib PATH] [--report FILE] [--verify-each]
+    edgeopt MODEL -p SPEC [-o OUT] [--calib PATH] [--report FILE] [--measure] [--layers]
     edgeopt info MODEL            inputs, outputs, opsets, ops, parameters, MACs
     edgeopt passes                every pass with its options
     edgeopt compare A B           numerical and latency comparison in ONNX Runtime
@@ -25,6 +25,13 @@ __all__ = ["main"]
 
 COMMANDS = ("info", "passes", "compare", "demo")
 EXIT_USER, EXIT_INTERNAL = 2, 3
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,6 +61,14 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT",
                    help="output file or folder (default: MODEL.opt.onnx beside the input)")
     p.add_argument("--report", metavar="FILE", help="write the pipeline report as JSON")
+    p.add_argument("--layers", action="store_true",
+                   help="list every changed layer (default: the 40 biggest changes)")
+    p.add_argument("--measure", action="store_true",
+                   help="time the input and the optimized model in ONNX Runtime (CPU, 2 "
+                        "threads, batch 1) on the same input: random, or the first --calib "
+                        "sample")
+    p.add_argument("--runs", type=_positive_int, default=50, metavar="N",
+                   help="timed runs per model for --measure (median; default 50)")
     p.add_argument("--verify-each", action="store_true",
                    help="verify the IR after every modifying pass (default: at the end)")
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
@@ -81,7 +96,8 @@ def _sub_parser(cmd: str) -> argparse.ArgumentParser:
         p.description = "Run two models in ONNX Runtime on the same inputs and compare."
         p.add_argument("a")
         p.add_argument("b")
-        p.add_argument("--runs", type=int, default=20, help="latency runs (median)")
+        p.add_argument("--runs", type=_positive_int, default=20, metavar="N",
+                       help="latency runs (median; default 20)")
         _calib_args(p)
     elif cmd == "demo":
         p.description = "Run the headline pipeline on the bundled digits CNN."

@@ -1,0 +1,204 @@
+"""Per-layer changes between two versions of a model (the optimize command's layer table).
+
+A *layer* is a Conv, ConvTranspose, Gemm or MatMul node whose weight (input 1) is a
+constant. :func:`snapshot` records each layer's input/output channel counts, parameters
+(elements of its constant inputs) and MACs (batch 1, from :mod:`passes.analyses.costs`);
+:func:`diff` matches two snapshots by node name and keeps the layers that changed, were
+removed, or were added. The snapshot of the input must be taken before the pipeline runs,
+because passes change the model in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgeopt.ir import EdgeoptError, Model, Node
+from edgeopt.passes.analyses.costs import MAC_RULES, bind_batch
+
+from ._console import format_table
+
+__all__ = ["Layer", "LayerChange", "diff", "format_changes", "snapshot", "to_dicts", "totals"]
+
+log = logging.getLogger(__name__)
+
+#: Rows the text table shows before summarizing the rest (``--layers`` shows all).
+MAX_ROWS = 40
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One weight layer as seen in one version of the model."""
+
+    node: str
+    op_type: str
+    in_channels: int | None
+    out_channels: int | None
+    params: int
+    macs: int | None  # None: shapes unknown
+
+    def signature(self) -> tuple:
+        """What the table compares: channels, parameters, MACs."""
+        return self.in_channels, self.out_channels, self.params, self.macs
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """A layer that differs between the two models (``before``/``after`` None: added/removed)."""
+
+    before: Layer | None
+    after: Layer | None
+
+    @property
+    def node(self) -> str:
+        """The layer's node name."""
+        return (self.before or self.after).node  # type: ignore[union-attr]
+
+    @property
+    def op_type(self) -> str:
+        """The layer's operator."""
+        return (self.before or self.after).op_type  # type: ignore[union-attr]
+
+    @property
+    def status(self) -> str:
+        """``changed``, ``removed`` or ``added``."""
+        return "removed" if self.after is None else "added" if self.before is None else "changed"
+
+    def magnitude(self) -> tuple[int, int]:
+        """How big the change is (MACs, then parameters), to pick the rows worth showing."""
+        def get(layer: Layer | None, key: str) -> int:
+            return (getattr(layer, key) or 0) if layer is not None else 0
+
+        return (abs(get(self.before, "macs") - get(self.after, "macs")),
+                abs(get(self.before, "params") - get(self.after, "params")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: node, op, status, and each field as ``{"before", "after"}``."""
+        out: dict[str, Any] = {"node": self.node, "op_type": self.op_type,
+                               "status": self.status}
+        for key in ("in_channels", "out_channels", "params", "macs"):
+            out[key] = {"before": getattr(self.before, key, None),
+                        "after": getattr(self.after, key, None)}
+        return out
+
+
+# -- channel counts -------------------------------------------------------------------------
+def _conv_channels(node: Node, w: tuple[int, ...]) -> tuple[int | None, int | None]:
+    # W is [C_out, C_in/group, k...]
+    return w[1] * int(node.attr("group", 1)), w[0]
+
+
+def _conv_transpose_channels(node: Node, w: tuple[int, ...]) -> tuple[int | None, int | None]:
+    # W is [C_in, C_out/group, k...]
+    return w[0], w[1] * int(node.attr("group", 1))
+
+
+def _gemm_channels(node: Node, w: tuple[int, ...]) -> tuple[int | None, int | None]:
+    return (w[1], w[0]) if node.attr("transB", 0) else (w[0], w[1])
+
+
+def _matmul_channels(node: Node, w: tuple[int, ...]) -> tuple[int | None, int | None]:
+    return (w[-2], w[-1]) if len(w) >= 2 else (w[0], None)  # a 1-D B drops the output axis
+
+
+#: op_type -> (in, out) channel counts from the layer's constant weight shape.
+CHANNEL_RULES: dict[str, Callable[[Node, tuple[int, ...]], tuple[int | None, int | None]]] = {
+    "Conv": _conv_channels,
+    "ConvTranspose": _conv_transpose_channels,
+    "Gemm": _gemm_channels,
+    "MatMul": _matmul_channels,
+}
+
+
+def _layer(node: Node) -> Layer | None:
+    rule = CHANNEL_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    w = node.inputs[1] if rule is not None and len(node.inputs) > 1 else None
+    if w is None or w.const_value is None:
+        return None
+    try:
+        channels = rule(node, tuple(w.const_value.shape))
+    except IndexError:  # a weight of too low a rank (invalid for the op): counts unknown
+        channels = (None, None)
+    params = sum(v.const_value.size for v in node.inputs
+                 if v is not None and v.const_value is not None)
+    return Layer(node.name or node.outputs[0].name, node.op_type, *channels, params,
+                 MAC_RULES[node.op_type](node))
+
+
+def snapshot(model: Model) -> list[Layer]:
+    """Every layer of ``model`` (all graphs, in walk order), with MACs at batch 1.
+
+    The model is not changed: MACs come from a clone whose symbolic dims are bound to 1.
+    When that binding fails, layers whose shapes are not static have unknown MACs (None).
+    """
+    try:
+        bound = bind_batch(model, 1)
+    except EdgeoptError as e:
+        log.info("layer MACs unavailable: %s", e)
+        bound = model
+    layers = (_layer(n) for n in bound.walk())
+    return [x for x in layers if x is not None]
+
+
+def diff(before: Sequence[Layer], after: Sequence[Layer]) -> list[LayerChange]:
+    """The layers that changed, in the order of ``before`` (then added layers).
+
+    Layers are matched by node name; repeated names are matched in order.
+    """
+    remaining: dict[str, list[Layer]] = defaultdict(list)
+    for layer in after:
+        remaining[layer.node].append(layer)
+    changes = []
+    for old in before:
+        candidates = remaining.get(old.node)
+        new = candidates.pop(0) if candidates else None
+        if new is None or new.signature() != old.signature() or new.op_type != old.op_type:
+            changes.append(LayerChange(old, new))
+    changes += [LayerChange(None, new) for rest in remaining.values() for new in rest]
+    return changes
+
+
+def totals(layers: Sequence[Layer]) -> dict[str, int | None]:
+    """Parameters and MACs summed over all layers (MACs None if any is unknown)."""
+    macs = [x.macs for x in layers]
+    return {"params": sum(x.params for x in layers),
+            "macs": None if None in macs else sum(macs)}  # type: ignore[arg-type]
+
+
+def _arrow(before: int | None, after: int | None, *, status: str, sep: bool = False) -> str:
+    def fmt(v: int | None, present: bool) -> str:
+        if not present:
+            return "-"
+        return "?" if v is None else f"{v:,}" if sep else str(v)
+
+    return f"{fmt(before, status != 'added')}->{fmt(after, status != 'removed')}"
+
+
+def format_changes(changes: Sequence[LayerChange], limit: int | None = MAX_ROWS) -> str:
+    """The layer table. Over ``limit`` rows, the biggest changes are shown in model order."""
+    shown = list(changes)
+    if limit is not None and len(shown) > limit:
+        keep = set(sorted(range(len(shown)), key=lambda i: shown[i].magnitude(),
+                          reverse=True)[:limit])
+        shown = [c for i, c in enumerate(shown) if i in keep]
+    rows = []
+    for c in shown:
+        b, a = c.before, c.after
+        name = c.node if c.status == "changed" else f"{c.node} ({c.status})"
+        rows.append((name, c.op_type,
+                     *(_arrow(getattr(b, k, None), getattr(a, k, None), status=c.status,
+                              sep=k in ("params", "macs"))
+                       for k in ("in_channels", "out_channels", "params", "macs"))))
+    text = format_table(rows, ("layer", "op", "in", "out", "params", "MACs"), right=(2, 3, 4, 5))
+    if len(shown) < len(changes):
+        text += (f"\n... and {len(changes) - len(shown)} more changed layers (smaller changes; "
+                 "--layers lists all)")
+    return text
+
+
+def to_dicts(changes: Sequence[LayerChange]) -> list[dict[str, Any]]:
+    """Every change as plain data (for ``--json`` and ``--report``)."""
+    return [c.to_dict() for c in changes]
