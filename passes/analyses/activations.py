@@ -122,6 +122,9 @@ class _GrowingHistogram:
     old inner edge by one bin.
     """
 
+    #: Values binned at once.
+    BLOCK = 1 << 16
+
     def __init__(self, bins: int) -> None:
         self.bins = bins
         self.counts = np.zeros(bins, np.int64)
@@ -140,11 +143,14 @@ class _GrowingHistogram:
         """The ``bins + 1`` edges."""
         return self.lo + np.arange(self.bins + 1) * self.step
 
-    def add(self, vals: np.ndarray) -> None:
-        """Count finite float64 values."""
+    def add(self, vals: np.ndarray, bounds: tuple[float, float] | None = None) -> None:
+        """Count finite values (float32 ones are compared with the edges in float64).
+
+        ``bounds``: their ``(min, max)``, when the caller knows it already.
+        """
         if not vals.size:
             return
-        mn, mx = float(vals.min()), float(vals.max())
+        mn, mx = bounds if bounds is not None else (float(vals.min()), float(vals.max()))
         if not self.started:
             # A constant first batch still needs a non-empty range.
             span = mx - mn if mx > mn else max(abs(mn), 1.0) * 1e-6
@@ -155,11 +161,30 @@ class _GrowingHistogram:
             self._double(down=True)
         while mx > self.hi:
             self._double(down=False)
-        # Bin i holds edges[i] <= v < edges[i + 1]; the last bin also holds v == hi.
-        idx = np.searchsorted(self.edges(), vals, side="right") - 1
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.bins)
-        self.at_hi += int(np.count_nonzero(vals == self.hi))
+        for i in range(0, vals.size, self.BLOCK):  # blocks: the temporaries stay in cache
+            self.counts += np.bincount(self._bin(vals[i:i + self.BLOCK]), minlength=self.bins)
+        # np.float64: a float32 array must not round the bound to float32 to compare.
+        self.at_hi += int(np.count_nonzero(vals == np.float64(self.hi)))
+
+    def _bin(self, vals: np.ndarray) -> np.ndarray:
+        """Bin of each value: ``edges[i] <= v < edges[i + 1]``, the last bin also ``v == hi``.
+
+        The same as ``searchsorted(edges, vals, side="right") - 1`` (clipped), several times
+        faster: the quotient ``(v - lo) / step`` (>= 0, so truncation is floor) is off by at
+        most one bin near an edge through rounding, and comparisons with the edges fix that.
+        """
+        edges = self.edges()
+        below, above = edges[:-1], np.append(edges[1:-1], np.inf)  # the last bin is closed
+        q = np.subtract(vals, self.lo, dtype=np.float64)
+        q /= self.step
+        idx = q.astype(np.intp)
+        np.minimum(idx, self.bins - 1, out=idx)
+        while True:
+            down, up = vals < below[idx], vals >= above[idx]
+            if not (down.any() or up.any()):
+                return idx
+            idx -= down
+            idx += up
 
     def _double(self, down: bool) -> None:
         merged = self.counts.reshape(-1, 2).sum(axis=1)
@@ -189,29 +214,38 @@ class _Accumulator:
         self.channels_ok = True
 
     def update(self, arr: np.ndarray) -> None:
-        """Add one run's array."""
-        x = np.asarray(arr).astype(np.float64, copy=False)
+        """Add one run's array (float32 stays float32; sums accumulate in float64)."""
+        x = np.asarray(arr)
+        if x.dtype.kind != "f":
+            x = x.astype(np.float64)
         if self.shape is None:
             self.shape = tuple(x.shape)
         finite = np.isfinite(x)
         mask = None if finite.all() else finite
         vals = x.ravel() if mask is None else x[mask]
         self.nonfinite += x.size - vals.size
-        if vals.size:
-            self.count += vals.size
-            self.min, self.max = min(self.min, float(vals.min())), max(self.max, float(vals.max()))
-            self.total += float(vals.sum())
-            self.abs_total += float(np.abs(vals).sum())
-            self.zeros += int(np.count_nonzero(vals == 0))
-            self.hist.add(vals)
-        self._update_channels(x, mask)
-
-    def _update_channels(self, x: np.ndarray, mask: np.ndarray | None) -> None:
-        if x.ndim < 2 or not self.channels_ok:
+        sums = self._update_channels(x, mask)
+        if not vals.size:
             return
+        if sums is None:  # no channel axis to sum along first
+            sums = (vals.sum(dtype=np.float64), np.abs(vals).sum(dtype=np.float64),
+                    np.count_nonzero(vals == 0))
+        mn, mx = float(vals.min()), float(vals.max())
+        self.count += vals.size
+        self.min, self.max = min(self.min, mn), max(self.max, mx)
+        self.total += float(sums[0])
+        self.abs_total += float(sums[1])
+        self.zeros += int(sums[2])
+        self.hist.add(vals, (mn, mx))
+
+    def _update_channels(self, x: np.ndarray, mask: np.ndarray | None
+                         ) -> tuple[float, float, int] | None:
+        """Add the per-channel sums; return their totals (None: no channel axis)."""
+        if x.ndim < 2 or not self.channels_ok:
+            return None
         if self.channels is not None and len(self.channels[0]) != x.shape[1]:
             self.channels_ok = False  # axis 1 is not a channel axis after all
-            return
+            return None
         axes = (0, *range(2, x.ndim))
         if mask is None:
             count = np.full(x.shape[1], x.size // max(x.shape[1], 1), np.int64)
@@ -220,9 +254,11 @@ class _Accumulator:
             x = np.where(mask, x, 0.0)
             count = mask.sum(axis=axes)
             zeros = np.count_nonzero((x == 0) & mask, axis=axes)
-        new = [x.sum(axis=axes), np.abs(x).sum(axis=axes), zeros, count]
+        new = [x.sum(axis=axes, dtype=np.float64), np.abs(x).sum(axis=axes, dtype=np.float64),
+               zeros, count]
         self.channels = new if self.channels is None else \
             [a + b for a, b in zip(self.channels, new, strict=True)]
+        return float(new[0].sum()), float(new[1].sum()), int(new[2].sum())
 
     def result(self) -> ValueStats:
         """The finished statistics."""

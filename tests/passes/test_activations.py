@@ -16,6 +16,7 @@ from edgeopt import ir
 from edgeopt.ir import EdgeoptError
 from edgeopt.passes import Context, PassManager, PassResult, register_pass, unregister_pass
 from edgeopt.passes.analyses import Activations, ValueStats
+from edgeopt.passes.analyses.activation_cache import ActivationCache
 from edgeopt.passes.analyses.activations import _GrowingHistogram
 from edgeopt.passes.calib import CalibrationData, CalibrationError, load_calibration
 
@@ -169,6 +170,38 @@ def test_growing_histogram_merges_exactly():
     expected, _ = np.histogram(np.concatenate([batches[0], batches[2], batches[3]]),
                                bins=up.edges())
     np.testing.assert_array_equal(up.counts, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_binning_equals_searchsorted_at_and_next_to_the_edges(dtype):
+    rng = np.random.default_rng(6)
+    for bins in (2, 16, 2048):
+        for scale, shift in ((1e-5, 0.0), (1.0, 1e3), (1e5, -7.0)):
+            data = (rng.normal(size=500) * scale + shift).astype(dtype)
+            hist = _GrowingHistogram(bins)
+            hist.add(data)
+            edges = hist.edges()
+            probe = np.concatenate([data, edges, np.nextafter(edges, np.inf),
+                                    np.nextafter(edges, -np.inf)])
+            probe = probe[(probe >= hist.lo) & (probe <= hist.hi)]
+            want = np.clip(np.searchsorted(edges, probe, side="right") - 1, 0, bins - 1)
+            np.testing.assert_array_equal(hist._bin(probe), want)
+            np.testing.assert_array_equal(
+                hist.counts, np.histogram(data.astype(np.float64), bins=edges)[0])
+
+
+def test_float32_values_give_the_float64_statistics():
+    x = np.maximum(np.random.default_rng(7).normal(size=(4, 3, 5, 5)), 0).astype(np.float32)
+    x[1, 2, 3, 4] = np.inf
+    data = {dt: CalibrationData({"x": x.astype(dt)}) for dt in (np.float32, np.float64)}
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,5,5] x) => (float[N,3,5,5] y) { y = Identity(x) }""")
+    a, b = (analyse(model, data[dt], values=("x",)).stats["x"] for dt in data)
+    assert (a.count, a.nonfinite, a.min, a.max, a.zero_fraction) == \
+        (b.count, b.nonfinite, b.min, b.max, b.zero_fraction)
+    assert a.mean == pytest.approx(b.mean, rel=1e-12)
+    np.testing.assert_array_equal(a.hist, b.hist)
+    np.testing.assert_allclose(a.channel_mean_abs, b.channel_mean_abs, rtol=1e-12)
 
 
 def test_constant_first_batch_and_nonfinite_values():
@@ -399,3 +432,138 @@ def test_cached_until_a_pass_modifies_the_model(setup):
     finally:
         unregister_pass("test-activations-touch")
         unregister_pass("test-activations-look")
+
+
+# -- ActivationCache ------------------------------------------------------------------------
+def cache(model: ir.Model, calib, samples: int = SAMPLES, **params) -> ActivationCache:
+    return ActivationCache(model, Context(calib=calib), samples, **params)
+
+
+def counters(c: ActivationCache) -> tuple[int, int, int]:
+    return c.runs, c.nodes_run, c.hits
+
+
+def test_cache_returns_the_activations_read_only(setup):
+    proto, model, calib = setup
+    c = cache(model, calib, 6, batch_size=4)
+    got = c.get(["c", "y", "x"])
+    ref = reference(proto, calib.arrays["x"][:6], ["c", "y"])
+    assert got["c"].shape == (6, 4, 8, 8) and got["y"].shape == (6, 5)
+    np.testing.assert_allclose(got["c"], ref["c"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["x"], calib.arrays["x"][:6])
+    np.testing.assert_array_equal(got["y"], analyse(model, calib).samples(("y",), 6)["y"])
+    assert not got["c"].flags.writeable and not got["x"].flags.writeable
+    assert counters(c) == (2, 4, 0)  # runs of 4 and 2 samples through the 4 nodes
+    assert c.num_samples == 6
+
+
+def test_cache_runs_only_the_nodes_after_what_it_holds(setup):
+    _, model, calib = setup
+    x = calib.arrays["x"]
+    c = cache(model, calib, batch_size=5)  # 2 runs per request
+    c.get(["r"])
+    assert counters(c) == (2, 2, 0)  # Conv, Relu
+    c.get(["y"])
+    assert counters(c) == (4, 4, 0)  # from the cached 'r': Flatten, Gemm
+    c.get(["r", "y"])
+    assert counters(c) == (4, 4, 2)  # both cached, nothing runs
+    # A new Gemm weight: 'r' stays valid, 'y' is recomputed from it.
+    g = model.graph.initializers["G"]
+    g.const_value = ir.ArrayTensor(2 * g.const_value.numpy())
+    got = c.get(["r", "y"])
+    assert counters(c) == (6, 6, 3)
+    np.testing.assert_allclose(got["y"], reference(ir.to_proto(model), x, ["y"])["y"],
+                               rtol=1e-5, atol=1e-5)
+    # A new Conv weight invalidates everything below the Conv.
+    w = model.graph.initializers["W"]
+    w.const_value = ir.ArrayTensor(-w.const_value.numpy())
+    got = c.get(["r", "y"])
+    assert counters(c) == (8, 10, 3)
+    ref = reference(ir.to_proto(model), x, ["r", "y"])
+    for name in ("r", "y"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_sees_nodes_inserted_upstream(setup):
+    _, model, calib = setup
+    c = cache(model, calib, batch_size=SAMPLES)
+    before = c.get(["r", "y"])["y"]
+    relu, flatten = (next(n for n in model.graph if n.op_type == op) for op in ("Relu",
+                                                                                "Flatten"))
+    neg = ir.Node("Neg", [relu.outputs[0]])
+    neg.outputs[0].name = "neg"
+    model.graph.insert_after(relu, [neg])
+    flatten.set_input(0, neg.outputs[0])
+    got = c.get(["y"])["y"]
+    assert counters(c) == (2, 7, 0)  # 4 nodes, then Neg, Flatten, Gemm from the cached "r"
+    np.testing.assert_allclose(got, reference(ir.to_proto(model), calib.arrays["x"],
+                                              ["y"])["y"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, before)
+
+
+def test_cache_sees_changes_read_through_a_subgraph():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2] x, bool c) => (float[N,2] y) <float[1] s = {2.0}> {
+            h = Mul(x, s)
+            y = If(c) <then_branch = t () => (float[N,2] a) { a = Neg(h) },
+                       else_branch = e () => (float[N,2] b) { b = Identity(h) }>
+        }""")
+    x = np.array([[1, 2], [3, 4]], np.float32)
+    data = CalibrationData.for_model({"x": x[:, None], "c": np.array([True, False])}, model)
+    c = cache(model, data, 2)
+    np.testing.assert_array_equal(c.get(["y"])["y"], [[[-2, -4]], [[6, 8]]])
+    model.graph.initializers["s"].const_value = ir.ArrayTensor(np.array([3.0], np.float32))
+    # The If reads 'h' only inside its branches: the Mul is still upstream of 'y'.
+    np.testing.assert_array_equal(c.get(["y"])["y"], [[[-3, -6]], [[9, 12]]])
+    assert counters(c) == (4, 4, 0)
+
+
+def test_cache_honours_max_bytes(setup, caplog):
+    _, model, calib = setup
+    c = cache(model, calib, batch_size=2, max_bytes=4 * BIG + 1)
+    with caplog.at_level(logging.WARNING, logger="edgeopt.passes.analyses.activation_cache"):
+        got = c.get(["r"])["r"]  # runs of 2 samples: 2 of them fit
+    assert got.shape == (4, 4, 8, 8)
+    assert f"ActivationCache: returning 2 of 5 runs to stay within max_bytes={4 * BIG + 1}" \
+        in caplog.text
+    with pytest.raises(EdgeoptError, match=re.escape(
+            f"ActivationCache: one run of ['r'] needs {2 * BIG} bytes, more than "
+            f"max_bytes={BIG}")):
+        cache(model, calib, batch_size=2, max_bytes=BIG).get(["r"])
+
+
+def test_cache_keeps_within_cache_bytes(setup):
+    _, model, calib = setup
+    c = cache(model, calib, batch_size=SAMPLES, cache_bytes=SAMPLES * BIG)  # one value
+    c.get(["c"])
+    c.get(["r"])  # from the cached 'c'; keeping 'r' drops 'c'
+    assert c.cached_bytes == SAMPLES * BIG
+    c.get(["c"])  # from the input again
+    assert counters(c) == (3, 3, 0)
+
+
+def test_cache_unbatched_and_static_batch_inputs():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[3] v) => (float[3] y) { y = Relu(v) }""")
+    v = np.arange(-6, 6, dtype=np.float32).reshape(4, 3)
+    got = cache(model, CalibrationData.for_model({"v": v}, model), 3).get(["y"])["y"]
+    np.testing.assert_array_equal(got, np.maximum(v[:3], 0))  # stacked, one run per sample
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,3] x) => (float[1,3] y) { y = Relu(x) }""")
+    c = cache(model, CalibrationData.for_model({"x": v}, model), batch_size=8)
+    np.testing.assert_array_equal(c.get(["y"])["y"], np.maximum(v, 0))
+    assert c.runs == 4
+
+
+def test_cache_unknown_values_and_runtime_failures(setup):
+    _, model, _ = setup
+    unchecked = CalibrationData({"x": np.zeros((2, 3, 8, 8))}, source="mine.npz")  # float64
+    c = cache(model, unchecked, 2)
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "ActivationCache: no activation named 'W' in the main graph")):
+        c.get(["W"])
+    with pytest.raises(EdgeoptError, match=re.escape(
+            "ActivationCache: ONNX Runtime failed on the calibration data from mine.npz: "
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input data type.")):
+        c.get(["c"])
