@@ -28,29 +28,28 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from edgeopt.ir import ArrayTensor, LazyTensor, Model, Node, Tensor, Value
+from edgeopt.ir import LazyTensor, Model, Node, Tensor
 
 from ._base import Context, OptionError, PassResult
 from ._manager import model_stats
+from ._prune_recover import (
+    Consumer,
+    dead_channels,
+    find_consumers,
+    recover_install,
+    recover_prepare,
+    recover_sequential,
+)
 from ._registry import register_pass
 from ._util import NameGen, replace_constant_input
 from .analyses.activations import Activations
-from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record, node_name
+from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record
 from .analyses.costs import MAC_RULES, bind_batch, layer_costs
 from .dce import dce
-from .recovery import (
-    LayerSpec,
-    bias_compensation,
-    layer_output,
-    least_squares_refit,
-    match_batchnorm,
-    reconstruction_error,
-    reestimate_batchnorm,
-)
 
 __all__ = ["PruneOptions", "apply", "keep_count", "keep_nonempty", "plan", "prune"]
 
@@ -64,7 +63,8 @@ class PruneOptions:
     Attributes:
         ratio: fraction of channels removed from every prunable group (``target=channels``),
             or the fraction of parameters / MACs to remove (``target=params|macs``).
-        importance: the importance criterion (``l1``, ``l2``, ``bn``, ``fpgm``, ``act``,
+        importance: the importance criterion: ``auto`` (``recon`` with calibration data,
+            else ``l1``), ``recon``, ``l1``, ``l2``, ``bn``, ``fpgm``, ``act``,
             ``random`` or a registered one).
         scope: ``local`` removes ``ratio`` of each group; ``global`` ranks the normalized
             scores of all groups together and removes the lowest ``ratio`` of all channels.
@@ -86,10 +86,13 @@ class PruneOptions:
             ``bias`` folds the removed channels' mean contribution into their bias, ``off``
             does nothing; ``auto`` is ``lsq`` when calibration data is given, else ``off``.
         recover_samples: calibration samples used by recovery (at most).
+        steps: with ``recover=lsq``, reach the final channel counts in this many rounds of
+            rank, remove and refit (kept counts shrink geometrically); each round ranks
+            channels on the model the previous one refit.
     """
 
     ratio: float = 0.5
-    importance: str = "l1"
+    importance: str = "auto"
     scope: Literal["local", "global"] = "local"
     thresh: float | None = None
     min_channels: int = 1
@@ -99,6 +102,7 @@ class PruneOptions:
     overrides: tuple[str, ...] = ()
     recover: Literal["auto", "off", "bias", "lsq"] = "auto"
     recover_samples: int = 256
+    steps: int = 1
 
     def override_ratios(self) -> list[tuple[str, float]]:
         """``overrides`` parsed into ``(pattern, ratio)`` pairs.
@@ -130,6 +134,8 @@ class PruneOptions:
         self.override_ratios()
         if self.recover_samples < 1:
             raise ValueError("recover_samples must be >= 1")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
         if self.thresh is not None and self.target != "channels":
             raise ValueError("thresh removes channels by score; it cannot be combined with "
                              f"target={self.target}")
@@ -362,292 +368,6 @@ def apply(model: Model, groups: ChannelGroups, keep: Keep) -> int:
     return changed
 
 
-# -- recovery -------------------------------------------------------------------------------------
-RECOVERABLE = ("Conv", "Gemm", "MatMul")
-
-
-@dataclass(eq=False)
-class _Consumer:
-    """A layer whose constant weight reads a prunable group's channels (role ``in``)."""
-
-    node: Node
-    spec: LayerSpec
-    rec: Record                       # the weight's input-channel record
-    outs: list[Record]                # the weight's output-channel records (if also pruned)
-    w0: Tensor | None = None          # the unpruned weight, bias and following BN mean/var
-    b0: Tensor | None = None
-    bn0: tuple[Tensor, Tensor] | None = None
-    weight: np.ndarray | None = None  # refit results, full output axis
-    bias: np.ndarray | None = None
-    bn: tuple[np.ndarray, np.ndarray] | None = None  # matched BN mean/var, full channels
-
-    @property
-    def input(self) -> str:
-        return self.node.inputs[0].name  # type: ignore[union-attr]
-
-
-def _consumers(model: Model, cg: ChannelGroups) -> list[_Consumer]:
-    """Conv (group 1), Gemm and MatMul nodes of the main graph with an ``in`` weight record."""
-    by_node: dict[int, list[Record]] = defaultdict(list)
-    for rec in cg.records:
-        if rec.node is not None and rec.index == 1 and rec.node.op_type in RECOVERABLE:
-            by_node[id(rec.node)].append(rec)
-    found = []
-    for recs in by_node.values():
-        ins = [r for r in recs if r.role == "in"]
-        node = recs[0].node
-        assert node is not None
-        x = node.inputs[0]
-        if len(ins) != 1 or node.graph is not model.graph or x is None or not x.name \
-                or x.const_value is not None or ins[0].value.const_value is None \
-                or (node.op_type == "MatMul" and node.outputs[0].is_graph_output()):
-            continue
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias is not None and bias.const_value is None:
-            continue
-        try:
-            spec = LayerSpec.from_onnx(node.op_type, node.attrs)
-        except ValueError as e:
-            log.debug("prune: no recovery for %s: %s", node.name or node.outputs[0].name, e)
-            continue
-        bn = _following_bn(node)
-        found.append(_Consumer(
-            node, spec, ins[0], [r for r in recs if r.role == "out"],
-            ins[0].value.const_value, None if bias is None else bias.const_value,
-            None if bn is None else (bn.inputs[3].const_value, bn.inputs[4].const_value)))
-    return found
-
-
-def _dead_channels(cg: ChannelGroups, groups: list[ChannelGroup], act: Activations,
-                   inputs: set[str]) -> dict[int, np.ndarray]:
-    """Per group id, a mask of the channels that can go for free.
-
-    A channel is free when it is 0 on every calibration sample in every activation of the
-    group that a consumer reads.
-    """
-    dead = {}
-    for g in groups:
-        mask = None
-        for m in g.activations():
-            stats = act.stats.get(m.value.name)
-            if m.value.name not in inputs or m.axis != 1 or stats is None \
-                    or stats.channel_zero_fraction is None:
-                continue
-            zero = stats.channel_zero_fraction[m.positions] >= 1.0
-            mask = zero.all(axis=1) if mask is None else mask & zero.all(axis=1)
-        if mask is not None and mask.any():
-            dead[g.id] = mask
-    return dead
-
-
-def _chunks(act: Activations, names: list[str], n: int, factor: float = 1.0
-            ) -> list[list[str]]:
-    """Split ``names`` into requests of ``n`` samples that fit ``act.max_bytes / factor``."""
-    budget = act.max_bytes / factor
-    sizes = {x: 4.0 * n * math.prod(act.stats[x].shape[1:]) * 1.1 if x in act.stats else
-             n * act.bytes_per_sample(x) * 1.1 for x in names}
-    chunks: list[list[str]] = []
-    for name in names:
-        if chunks and sum(sizes[x] for x in chunks[-1]) + sizes[name] <= budget:
-            chunks[-1].append(name)
-        else:
-            chunks.append([name])
-    return chunks
-
-
-def _sample_chunks(act: Activations, names: list[str], n: int) -> list[tuple[list[str], int]]:
-    """Split ``names`` into ``(names, samples)`` requests that fit ``act.max_bytes``."""
-    def per_sample(name: str) -> float:
-        shape = act.stats[name].shape
-        return 4.0 * math.prod(shape[1:]) if len(shape) > 1 else 4.0
-
-    chunks: list[tuple[list[str], int]] = []
-    current: list[str] = []
-    used = 0.0
-    for name in names:
-        size = per_sample(name) * n * 1.1  # a margin for the run granularity
-        if size > act.max_bytes:
-            chunks.append(([name], max(1, int(act.max_bytes / per_sample(name) / 1.1))))
-            continue
-        if current and used + size > act.max_bytes:
-            chunks.append((current, n))
-            current, used = [], 0.0
-        current.append(name)
-        used += size
-    if current:
-        chunks.append((current, n))
-    return chunks
-
-
-def _refit(c: _Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
-           x_pruned: np.ndarray | None = None) -> dict:
-    """Compute the recovered weight/bias (and BN statistics) of one consumer.
-
-    ``x`` is the consumer's input in the unpruned model; ``x_pruned`` (optional, ``lsq``)
-    its kept channels as the pruned model computes them.
-    """
-    w = np.asarray(c.w0.numpy())  # type: ignore[union-attr]
-    b = None if c.b0 is None else np.asarray(c.b0.numpy())
-    axis = c.rec.axis
-    if mode == "lsq":
-        c.weight, c.bias, report = least_squares_refit(w, b, x, keep, c.spec,
-                                                       x_inputs=x_pruned)
-        drop, after = report["rel_err_drop"], report["rel_err_refit"]
-    else:
-        removed = np.setdiff1d(np.arange(w.shape[axis]), keep)
-        means = x.mean(axis=tuple(i for i in range(x.ndim) if i != (
-            x.ndim - 1 if c.spec.kind == "gemm" else 1)))
-        c.bias = bias_compensation(w, b, removed, means, c.spec)
-        c.weight = np.take(w, keep, axis=axis)
-        drop, after = reconstruction_error(w, b, x, keep, c.weight, c.bias, c.spec)
-        report = {"method": "bias"}
-    bn = _following_bn(c.node)
-    if bn is not None and c.bn0 is not None and report["method"] != "drop":
-        xk = np.take(x, keep, axis=x.ndim - 1 if c.spec.kind == "gemm" else 1) \
-            if x_pruned is None else x_pruned
-        ref = reestimate_batchnorm(layer_output(x, w, b, c.spec))
-        new = reestimate_batchnorm(layer_output(xk, c.weight, c.bias, c.spec))
-        mean, var = (np.asarray(t.numpy()) for t in c.bn0)
-        c.bn = match_batchnorm(mean, var, float(bn.attr("epsilon", 1e-5)), ref, new)
-    return {"layer": node_name(c.node), "drop": drop, "after": after,
-            "method": report["method"]}
-
-
-def _following_bn(node: Node) -> Node | None:
-    """The BatchNormalization that alone reads ``node``'s output (constant statistics)."""
-    users = node.outputs[0].consumers()
-    if len(users) != 1 or users[0].op_type != "BatchNormalization" \
-            or node.outputs[0].is_graph_output() or users[0].inputs[0] is not node.outputs[0]:
-        return None
-    bn = users[0]
-    if len(bn.inputs) < 5 or any(v is None or v.const_value is None for v in bn.inputs[3:5]):
-        return None
-    return bn
-
-
-def recover_prepare(model: Model, ctx: Context, consumers: list[_Consumer], keep: Keep,
-                    act: Activations, mode: str, samples: int) -> list[dict]:
-    """Bias-compensate every consumer that loses input channels (``recover=bias``).
-
-    The means come from the consumers' inputs in the unpruned model; the results are
-    installed by :func:`recover_install`.
-
-    Activations are requested in chunks that fit the analysis' byte budget.
-    """
-    lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
-    lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms)]
-    by_input: dict[str, list[tuple[_Consumer, np.ndarray]]] = defaultdict(list)
-    for c, k in lost:
-        by_input[c.input].append((c, k))
-    reports = []
-    for names, n in _sample_chunks(act, list(by_input), samples):
-        data = act.samples(tuple(names), n)
-        for name in names:
-            for c, k in by_input[name]:
-                reports.append(_refit(c, data[name], k, mode))
-                _log_report(reports[-1])
-        del data
-    return reports
-
-
-def _levels(model: Model, consumers: list[_Consumer]) -> list[list[_Consumer]]:
-    """Consumers grouped by how many other consumers lie upstream of their input.
-
-    Those of one level can be refit together, once the levels before them are refit.
-    """
-    index = {id(c.node): c for c in consumers}
-    depth: dict[str, int] = {}
-    levels: dict[int, list[_Consumer]] = defaultdict(list)
-    for node in model.graph:
-        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
-        if id(node) in index:
-            levels[d].append(index[id(node)])
-            d += 1
-        for out in node.outputs:
-            depth[out.name] = d
-    return [levels[k] for k in sorted(levels)]
-
-
-def recover_sequential(model: Model, ctx: Context, original: Model, consumers: list[_Consumer],
-                       keep: Keep, samples: int) -> list[dict]:
-    """Least-squares refit of every consumer, level by level, on the pruned model's inputs.
-
-    Each consumer's targets are its outputs in the ``original`` (unpruned) model; its inputs
-    are its kept input channels as the pruned model, with the levels before already refit,
-    computes them, so that errors made upstream are corrected downstream. Activations are
-    fetched in chunks that fit the byte budget.
-    """
-    lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
-    lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms)]
-    kept = {id(c): k for c, k in lost}
-    ref = Activations(original, ctx, values=())
-    reports = []
-    for level in _levels(model, [c for c, _ in lost]):
-        now = Activations(model, ctx, values=())
-        names = list(dict.fromkeys(c.input for c in level))
-        for chunk in _chunks(ref, names, samples, factor=2):
-            xs = ref.samples(tuple(chunk), samples)
-            xp = now.samples(tuple(chunk), samples)
-            for c in level:
-                if c.input in chunk:
-                    reports.append(_refit(c, xs[c.input], kept[id(c)], "lsq", xp[c.input]))
-                    _log_report(reports[-1])
-            del xs, xp
-        recover_install(model, level, keep)
-    return reports
-
-
-def _log_report(report: dict) -> None:
-    log.info("prune: recover %s (%s): relative error %.4f dropped -> %.4f", report["layer"],
-             report["method"], report["drop"], report["after"])
-
-
-def recover_install(model: Model, consumers: list[_Consumer], keep: Keep) -> int:
-    """Write the refit weights, biases and BN statistics into the pruned model."""
-    names = NameGen(model)
-    done = 0
-    for c in consumers:
-        if c.weight is None or c.bias is None:
-            continue
-        w, b = c.weight, c.bias.ravel()
-        out_axis = 0 if c.rec.axis == 1 else 1
-        for rec in c.outs:
-            if rec.axis == out_axis:
-                mask = np.flatnonzero(keep(rec.atoms))
-                w, b = np.take(w, mask, axis=out_axis), b[mask]
-                if c.bn is not None:
-                    c.bn = (c.bn[0][mask], c.bn[1][mask])
-        replace_constant_input(c.node, 1, ArrayTensor(np.ascontiguousarray(w)), names)
-        _set_bias(model, c.node, b, names)
-        bn = _following_bn(c.node)
-        if c.bn is not None and bn is not None:
-            for i, arr in zip((3, 4), c.bn, strict=True):
-                replace_constant_input(bn, i, ArrayTensor(np.ascontiguousarray(arr)), names)
-        done += 1
-    return done
-
-
-def _set_bias(model: Model, node: Node, bias: np.ndarray, names: NameGen) -> None:
-    """Give ``node`` the bias ``bias``; a MatMul gets an ``Add`` after it."""
-    if node.op_type != "MatMul":
-        old = node.inputs[2] if len(node.inputs) > 2 else None
-        if old is not None and old.const_value is not None and len(old.const_value.shape) == 2:
-            bias = bias.reshape(1, -1)  # keep a Gemm C of shape [1, out]
-        replace_constant_input(node, 2, ArrayTensor(bias), names)
-        return
-    out = node.outputs[0]
-    graph = node.graph
-    assert graph is not None
-    const = graph.add_initializer(names.fresh(f"{out.name}_bias"), ArrayTensor(bias))
-    result = Value(names.fresh(f"{out.name}_biased"), out.dtype, out.shape)
-    uses = list(out.uses())
-    add = Node("Add", (out, const), outputs=(result,),
-               name=names.fresh(f"{node.name or out.name}_bias"))
-    graph.insert_after(node, [add])
-    for use in uses:
-        use.node.set_input(use.index, result)
-
-
 def _total_macs(model: Model) -> int:
     return sum(_macs_by_output(model).values())
 
@@ -688,16 +408,8 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
         raise OptionError(f"recover={mode} needs calibration data (--calib)")
     params_before, macs_before = model_stats(model).params, _total_macs(model)
     removed: dict[int, np.ndarray] = {}
-    consumers: list[_Consumer] = []
-    act = None
     if candidates and (opts.ratio > 0 or opts.thresh is not None or opts.overrides):
-        scores = _scores(ctx, candidates, opts.importance)
-        if ctx.calib is not None:
-            consumers = _consumers(model, cg)
-            inputs = sorted({c.input for c in consumers})
-            if inputs:
-                act = ctx.analysis(Activations, values=tuple(inputs))
-                scores = _with_dead(scores, _dead_channels(cg, candidates, act, set(inputs)))
+        scores, consumers, act = _rank(model, ctx, cg, candidates, opts)
         if opts.target == "channels":
             removed = plan(candidates, scores, opts)
         else:
@@ -717,6 +429,79 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
         log.info("prune: group %d (%s): %d -> %d channels", gid,
                  ", ".join(cg.groups[gid].producers[:3]), cg.groups[gid].size,
                  cg.groups[gid].size - len(channels))
+    steps = opts.steps if mode == "lsq" else 1
+    final = {_key(cg.groups[gid]): (cg.groups[gid].size, cg.groups[gid].size - len(ch))
+             for gid, ch in removed.items()}
+    reports: list[dict] = []
+    for step in range(1, steps + 1):
+        if step > 1:
+            ctx.invalidate()
+            cg = ctx.analysis(ChannelGroups)
+            scores, consumers, act = _rank(model, ctx, cg, cg.prunable(), opts)
+            removed = keep_nonempty(cg, _step_removal(cg, scores, final, step, steps), scores)
+        elif steps > 1:
+            removed = _step_removal(cg, scores, final, step, steps)
+            removed = keep_nonempty(cg, removed, scores)
+        reports = _remove(model, ctx, cg, removed, consumers, act, mode, opts)
+    if mode != "off":
+        stats["recovered_layers"] = len(reports)
+    if reports:
+        stats["recon_err_drop_mean"] = float(np.mean([r["drop"] for r in reports]))
+        stats["recon_err_after_mean"] = float(np.mean([r["after"] for r in reports]))
+    params_after = model_stats(model).params
+    stats.update(params_after=params_after, macs_after=_total_macs(model),
+                 theta=(params_before - params_after) / params_before if params_before else 0.0)
+    return PassResult(modified=True, stats=stats)
+
+
+def _rank(model: Model, ctx: Context, cg: ChannelGroups, candidates: list[ChannelGroup],
+          opts: PruneOptions) -> tuple[dict[int, np.ndarray], list[Consumer], Any]:
+    """(scores per group id, recoverable consumers, Activations of their inputs or None).
+
+    With calibration data, channels never active where a consumer reads them score -inf.
+    """
+    criterion = opts.importance if opts.importance != "auto" else \
+        "recon" if ctx.calib is not None else "l1"
+    scores = _scores(ctx, candidates, criterion)
+    consumers: list[Consumer] = []
+    act = None
+    if ctx.calib is not None:
+        consumers = find_consumers(model, cg)
+        inputs = sorted({c.input for c in consumers})
+        if inputs:
+            act = ctx.analysis(Activations, values=tuple(inputs))
+            scores = _with_dead(scores, dead_channels(cg, candidates, act, set(inputs)))
+    return scores, consumers, act
+
+
+def _key(group: ChannelGroup) -> tuple[str, ...]:
+    """What identifies a group across pruning steps: its producer nodes."""
+    return tuple(sorted(group.producers))
+
+
+def _step_removal(cg: ChannelGroups, scores: Mapping[int, np.ndarray],
+                  final: Mapping[tuple[str, ...], tuple[int, int]], step: int, steps: int
+                  ) -> dict[int, np.ndarray]:
+    """The channels step ``step`` of ``steps`` removes.
+
+    Kept counts shrink geometrically from each group's original size to its final count,
+    which the last step reaches.
+    """
+    removed = {}
+    for g in cg.groups:
+        if (sizes := final.get(_key(g))) is None or g.id not in scores:
+            continue
+        size0, last = sizes
+        want = last if step == steps else \
+            max(last, round(size0 * (last / size0) ** (step / steps)))
+        if want < g.size:
+            removed[g.id] = _lowest(scores[g.id], g.size - want)
+    return removed
+
+
+def _remove(model: Model, ctx: Context, cg: ChannelGroups, removed: dict[int, np.ndarray],
+            consumers: list[Consumer], act: Any, mode: str, opts: PruneOptions) -> list[dict]:
+    """Remove ``removed`` channels, recover the consumers (``mode``), run ``dce``."""
     keep = cg.keep_fn(removed)
     reports = recover_prepare(model, ctx, consumers, keep, act, mode, opts.recover_samples) \
         if mode == "bias" and act is not None else []
@@ -727,16 +512,8 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     elif original is not None:
         reports = recover_sequential(model, ctx, original, consumers, keep,
                                      opts.recover_samples)
-    if mode != "off":
-        stats["recovered_layers"] = len(reports)
-    if reports:
-        stats["recon_err_drop_mean"] = float(np.mean([r["drop"] for r in reports]))
-        stats["recon_err_after_mean"] = float(np.mean([r["after"] for r in reports]))
     dce(model, ctx)
-    params_after = model_stats(model).params
-    stats.update(params_after=params_after, macs_after=_total_macs(model),
-                 theta=(params_before - params_after) / params_before if params_before else 0.0)
-    return PassResult(modified=True, stats=stats)
+    return reports
 
 
 def _with_dead(scores: Mapping[int, np.ndarray], dead: Mapping[int, np.ndarray]

@@ -14,19 +14,22 @@ Describe the consumer with :class:`LayerSpec`, usually ``LayerSpec.from_onnx(op_
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import scipy.linalg
 
-__all__ = ["LayerSpec", "bias_compensation", "im2col", "layer_output", "least_squares_refit",
-           "match_batchnorm", "reconstruction_error", "reestimate_batchnorm"]
+__all__ = ["Clamp", "LayerSpec", "bias_compensation", "im2col", "layer_output",
+           "least_squares_refit", "match_batchnorm", "reconstruction_error",
+           "reestimate_batchnorm", "saturation_offset"]
 
 Layout = Literal["in_out", "out_in"]
-Rows = Callable[[np.ndarray], np.ndarray]  # row indices -> float64 design rows
+Rows = Callable[[np.ndarray], np.ndarray]  # row indices -> design rows
 #: Elements of float64 design-matrix data built at once (bounds memory; ~64 MB).
 CHUNK_ELEMS = 1 << 23
 
@@ -258,28 +261,37 @@ class _Moments:
 class _Design:
     """Row access to the regression problem: full inputs, regression inputs, targets."""
 
-    full: Rows              # row indices -> full-input design rows (float64)
+    full: Rows              # row indices -> full-input design rows (float32 or float64)
     pruned: Rows | None     # rows of the pruned model's inputs, None = kept columns of full
     cols: np.ndarray        # kept columns of the full design
     w2: np.ndarray          # full weight as [C * K, out]
     b0: np.ndarray          # full bias [out]
     total: int              # rows in all
     per_sample: int         # consecutive rows per calibration sample
+    offset: Rows | None = None  # row indices -> what to add to the targets (None = 0)
 
     def moments(self, rows: np.ndarray) -> _Moments:
         """Accumulate the moments of ``rows`` chunk by chunk.
 
         Sums are taken around the first chunk's means, which avoids the cancellation of
-        ``X^T X - n m m^T`` for inputs far from zero (post-ReLU activations).
+        ``X^T X - n m m^T`` for inputs far from zero (post-ReLU activations). The targets
+        (the unpruned layer's output) are computed in the precision of the inputs, as the
+        model itself computes them: float32 activations give float32 targets, at half the
+        cost of the largest product; the moments and everything after are float64.
         """
         step = max(1, CHUNK_ELEMS // max(self.w2.shape[0] + self.w2.shape[1], 1))
         sx = sy = None
         n, axx, axy, sum_x, sum_y, yy, y_norm2 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        w2 = None
         for i in range(0, len(rows), step):
             r = rows[i:i + step]
             xf = self.full(r)
-            y = xf @ self.w2 + self.b0
-            xk = xf[:, self.cols] if self.pruned is None else self.pruned(r)
+            if w2 is None:  # the targets in the rows' precision, as the model computes them
+                w2 = self.w2.astype(xf.dtype, copy=False)
+            y = (xf @ w2).astype(np.float64) + self.b0
+            if self.offset is not None:
+                y = y + self.offset(r)
+            xk = (xf[:, self.cols] if self.pruned is None else self.pruned(r)).astype(np.float64)
             if sx is None:
                 sx, sy = xk.mean(axis=0), y.mean(axis=0)
             y_norm2 += float(np.sum(y * y))
@@ -295,7 +307,11 @@ class _Design:
 
 def _row_source(x: np.ndarray, kernel: Sequence[int], spec: LayerSpec, channels: int
                 ) -> tuple[Rows, int, int]:
-    """(fn(row indices) -> float64 design rows, total rows, rows per sample) of ``x``."""
+    """(fn(row indices) -> design rows, total rows, rows per sample) of ``x``.
+
+    Rows are float32 for float32 ``x``, float64 otherwise.
+    """
+    dt = np.float32 if x.dtype == np.float32 else np.float64
     got = x.shape[-1] if spec.kind == "gemm" else x.shape[1] if x.ndim > 1 else -1
     if got != channels:
         raise ValueError(f"inputs of shape {x.shape} do not have {channels} channels on the "
@@ -303,10 +319,10 @@ def _row_source(x: np.ndarray, kernel: Sequence[int], spec: LayerSpec, channels:
     if spec.kind == "gemm":
         flat = x.reshape(-1, x.shape[-1])
         per = math.prod(x.shape[1:-1]) if x.ndim > 2 else 1
-        return (lambda r: flat[r].astype(np.float64)), flat.shape[0], per
+        return (lambda r: flat[r].astype(dt)), flat.shape[0], per
     view = _patch_view(x, kernel, spec)
     per = math.prod(view.shape[2:2 + len(kernel)])
-    return (lambda r: _gather_patches(view, r).astype(np.float64)), view.shape[0] * per, per
+    return (lambda r: _gather_patches(view, r).astype(dt, copy=False)), view.shape[0] * per, per
 
 
 def _split(d: _Design, max_rows: int, holdout: float, seed: int
@@ -334,13 +350,23 @@ def _split(d: _Design, max_rows: int, holdout: float, seed: int
 
 
 def _solve(m: _Moments, ridge: float) -> np.ndarray | None:
-    """Ridge weights for the centered problem, or None if the system is unusable."""
+    """Ridge weights for the centered problem, or None if the system is unusable.
+
+    The penalty of each column is ``ridge`` times its own variance (the ridge of the
+    standardized problem), so a channel of small amplitude but large weight is not shrunk
+    more than a loud one; columns with (almost) no variance get the floor
+    ``ridge * 1e-6 * mean variance``.
+    """
     d = m.axx.shape[0]
-    lam = ridge * max(float(np.trace(m.axx)) / max(d, 1), np.finfo(float).tiny)
+    diag = np.diagonal(m.axx)
+    floor = max(1e-6 * float(diag.mean()) if d else 0.0, np.finfo(float).tiny)
     a = m.axx.copy()  # one d x d copy: the factor overwrites it
-    a[np.diag_indices(d)] += lam
+    a[np.diag_indices(d)] += ridge * np.maximum(diag, floor)
     try:
-        w = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, overwrite_a=True), m.axy)
+        # a is symmetric: its transpose is the Fortran-ordered array LAPACK factors in place
+        # (a C-ordered one is first copied); the result is checked for finiteness below.
+        factor = scipy.linalg.cho_factor(a.T, overwrite_a=True, check_finite=False)
+        w = scipy.linalg.cho_solve(factor, m.axy, check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
         return None
     return w if np.all(np.isfinite(w)) else None
@@ -372,11 +398,40 @@ def _choose(d: _Design, fit: _Moments, val: _Moments, ridges: Sequence[float]
     return report, w_new, b_new
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _one_blas_thread(fn: _F) -> _F:
+    """Run ``fn`` with BLAS/LAPACK limited to one thread (if threadpoolctl is installed).
+
+    A refit is a chain of mid-sized BLAS and LAPACK calls (design products, one Cholesky
+    factor per ridge). OpenBLAS's threads synchronize at every step of those and spin while
+    they wait, which goes badly as soon as another process holds a core. The 53 refits of
+    ResNet-50's ``prune:0.5`` on the 2-core machine (docs/BENCHMARKS.md, "pipeline time"):
+    two threads 28.1-28.7 s idle, 68-133 s under a load of 3-6; one thread 26.3 s idle,
+    30-32 s under load.
+    """
+    @functools.wraps(fn)
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional: without it BLAS keeps its own thread count
+            limit: Any = contextlib.nullcontext()
+        else:
+            limit = threadpool_limits(1, user_api="blas")
+        with limit:
+            return fn(*args, **kwargs)
+
+    return limited  # type: ignore[return-value]
+
+
+@_one_blas_thread
 def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: np.ndarray,
                         keep: Sequence[int], spec: LayerSpec,
                         ridge: float | Sequence[float] = RIDGES, max_rows: int = 16384,
                         seed: int = 0, x_inputs: np.ndarray | None = None,
-                        holdout: float = 0.25) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                        holdout: float = 0.25, y_offset: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Refit the consumer's weights over its kept input channels to match its unpruned output.
 
     Targets: the original layer's output on ``x_samples``. Inputs: ``x_samples[:, keep]``, or
@@ -395,7 +450,8 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
         weight: full consumer weight (layouts: see the module docs).
         bias: its bias (broadcastable to ``[out]``) or None.
         x_samples: full inputs: ``[..., C]`` for gemm (features last), ``[N, C, *spatial]``
-            for Conv; float32 is fine (the design is built and solved in float64).
+            for Conv; float32 is fine (the targets are then computed in float32, as the
+            model does; the normal equations are built and solved in float64).
         keep: sorted input channel indices that survive.
         spec: the consumer (see :class:`LayerSpec`).
         ridge: ridge strength(s), relative to the mean variance of the input columns.
@@ -404,6 +460,9 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
         x_inputs: optional pruned-model inputs with ``len(keep)`` channels, same rows.
         holdout: fraction of samples (rows, if there is one sample) held out; 0 scores
             in-sample.
+        y_offset: optional correction added to the targets, shaped like the layer's full
+            output (``[N, out, *out_spatial]`` for Conv, ``[..., out]`` for gemm), e.g. from
+            :func:`saturation_offset`.
 
     Returns:
         ``(weight_kept, bias, report)``: the weight over the kept channels in the original
@@ -424,7 +483,17 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
     pruned = None if x_inputs is None else \
         _row_source(np.asarray(x_inputs), kernel, spec, len(keep))[0]
     cols = (keep[:, None] * per + np.arange(per)).ravel()
-    design = _Design(full, pruned, cols, w2, b0, total, per_sample)
+    offset = None
+    if y_offset is not None:
+        off = np.asarray(y_offset)
+        off = np.moveaxis(off, 1, -1) if spec.kind == "conv" else off
+        off = off.reshape(-1, w2.shape[1])
+        if len(off) != total:
+            raise ValueError(f"y_offset has {len(off)} rows, the layer's output {total}")
+        def offset(r: np.ndarray) -> np.ndarray:
+            return off[r].astype(np.float64)
+
+    design = _Design(full, pruned, cols, w2, b0, total, per_sample, offset)
     fit_rows, val_rows = _split(design, max_rows, holdout, seed)
     fit = design.moments(fit_rows)
     val = design.moments(val_rows) if len(val_rows) else fit
@@ -439,6 +508,7 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
     return np.ascontiguousarray(w_out, dt), np.asarray(b_new, dt), report
 
 
+@_one_blas_thread
 def reconstruction_error(weight: np.ndarray, bias: np.ndarray | None, x_samples: np.ndarray,
                          keep: Sequence[int], new_weight: np.ndarray, new_bias: np.ndarray,
                          spec: LayerSpec, max_rows: int = 16384, seed: int = 0
@@ -491,6 +561,51 @@ def layer_output(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, spe
         out = _patch_view(xb, w.shape[2:], spec).shape[2:2 + w.ndim - 2]
         y = im2col(xb, w.shape[2:], spec) @ w2 + b
         yield np.moveaxis(y.reshape(len(xb), *out, -1), -1, 1)
+
+
+# -- saturating activations ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Clamp:
+    """The activation after a layer: ``clip(scale * y + shift, lo, hi)``.
+
+    A per-channel affine map (a BatchNormalization, or the identity) then a clamp (Relu:
+    ``lo=0, hi=inf``; Relu6: ``lo=0, hi=6``).
+    """
+
+    scale: np.ndarray
+    shift: np.ndarray
+    lo: float
+    hi: float
+
+
+def saturation_offset(y: np.ndarray, y_hat: np.ndarray, clamp: Clamp, axis: int = 1
+                      ) -> np.ndarray:
+    """Target corrections that stop a refit from chasing values the activation clips anyway.
+
+    Where the unpruned output ``y`` and the refit output ``y_hat`` land on the same side of
+    a clamp bound after ``clamp``'s affine map (both at or below ``lo``, or both at or above
+    ``hi``), the network's output is already right: the correction ``y_hat - y`` makes the
+    next least-squares fit (``least_squares_refit(..., y_offset=...)``) aim at ``y_hat``
+    there, freeing its weights for the values that pass through. Elsewhere it is 0.
+    Iterating refit and correction is a projected least-squares heuristic: each round is
+    an exact fit to targets that the activation cannot tell from the original ones.
+
+    Args:
+        y: the unpruned layer's output, channels on ``axis``.
+        y_hat: the refit layer's output on the pruned model's inputs, same shape.
+        clamp: the activation after the layer (its channel count is ``y.shape[axis]``).
+        axis: the channel axis.
+
+    Returns:
+        ``y_hat - y`` where both saturate the same way, else 0 (float32).
+    """
+    shape = [1] * y.ndim
+    shape[axis] = -1
+    a = np.asarray(clamp.scale, np.float32).reshape(shape)
+    b = np.asarray(clamp.shift, np.float32).reshape(shape)
+    u, u_hat = a * y + b, a * y_hat + b
+    same = ((u <= clamp.lo) & (u_hat <= clamp.lo)) | ((u >= clamp.hi) & (u_hat >= clamp.hi))
+    return np.where(same, y_hat - y, 0).astype(np.float32)
 
 
 # -- BatchNormalization ------------------------------------------------------------------------

@@ -38,6 +38,9 @@ A criterion is ``fn(group, ctx, opts: CriterionOptions) -> np.ndarray`` of shape
   one; only those values are measured, in one sweep for all groups (its ``prepare`` hook).
   Raises :class:`CalibrationError` without calibration data.
 * ``random``: uniform in [0, 1), seeded by ``(seed, group.id)``: a baseline.
+* ``recon`` (in :mod:`.reconstruction`): the output error the consumers cannot refit away,
+  by greedy backward elimination on calibration activations (``prune``'s default with
+  calibration data).
 
 Member scores (one row per member) become a group score with ``aggregate`` (``sum``, ``mean``,
 ``max``, ``prod``), then :class:`ChannelImportance` normalizes each group (divides by its

@@ -12,7 +12,7 @@ from models import BUILDERS, plan_removal, plant_zeros
 
 import edgeopt.passes.prune  # noqa: F401  (registers the pass)
 from edgeopt import ir
-from edgeopt.passes import Context, PassError, PassManager
+from edgeopt.passes import Context, OptionError, PassError, PassManager
 from edgeopt.passes.analyses.channel_groups import ChannelGroups
 from edgeopt.passes.calib import load_calibration, random_calibration
 
@@ -43,7 +43,7 @@ def test_recovery_keeps_planted_zero_pruning_exact(name, recover):
     feeds = feeds_for(proto)
     expected = run_ort(proto, feeds)
     ctx = Context(calib=random_calibration(model, 16))
-    stats = run(model, f"prune:0.5,recover={recover}", ctx)
+    stats = run(model, f"prune:0.5,recover={recover},importance=l1", ctx)
     assert stats["channels_removed"] == sum(len(r) for r in removal.values())
     assert stats["recovered_layers"] > 0
     assert stats["recon_err_drop_mean"] < 1e-5
@@ -134,3 +134,41 @@ def test_lsq_recovery_restores_digits_accuracy(name, floor):
         got[recover] = accuracy(model, x, y)
     assert got["lsq"] >= floor
     assert got["lsq"] >= got["off"] + 30.0
+
+
+def _channel_counts(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    return {n.name: tuple(n.inputs[1].const_value.shape) for n in model.graph
+            if n.op_type in ("Conv", "Gemm") and n.inputs[1].const_value is not None}
+
+
+def test_steps_reach_the_same_channel_counts_as_one_shot():
+    counts = []
+    for steps in (1, 3):
+        model = ir.load(os.path.join(DIGITS, "resnet.onnx"))
+        ctx = Context(calib=load_calibration(os.path.join(DIGITS, "calib.npz"), model,
+                                             num_samples=64))
+        stats = run(model, f"prune:0.5,steps={steps}", ctx)
+        counts.append(_channel_counts(model))
+        assert stats["recovered_layers"] > 0
+    assert counts[0] == counts[1]
+    assert counts[0]["/stem/stem.0/Conv"] == (8, 1, 3, 3)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_steps_keep_planted_zero_pruning_exact(name):
+    model = ir.from_proto(BUILDERS[name]())
+    groups = ChannelGroups(model)
+    plant_zeros(groups, plan_removal(groups, 0.5))
+    proto = ir.to_proto(model)
+    feeds = feeds_for(proto)
+    expected = run_ort(proto, feeds)
+    run(model, "prune:0.5,importance=l1,steps=2", Context(calib=random_calibration(model, 16)))
+    for got, want in zip(run_ort(ir.to_proto(model), feeds), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0,
+                                   atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+def test_steps_must_be_positive():
+    model = ir.from_proto(BUILDERS["cnn"]())
+    with pytest.raises(OptionError, match=r"^pass 'prune': steps must be >= 1$"):
+        run(model, "prune:0.5,steps=0")

@@ -340,18 +340,20 @@ def test_refit_respects_max_rows_deterministically():
     assert least_squares_refit(w, b, x, keep, spec, max_rows=384)[2]["rows"] == 384
 
 
-def test_refit_float32_inputs_solved_in_float64():
+def test_refit_float32_inputs_float32_targets_solved_in_float64():
     x, keep, w, b = conv_case(np.random.default_rng(14))
     x32, w32, b32 = x.astype(np.float32), w.astype(np.float32), b.astype(np.float32)
     new_w, new_b, rep = least_squares_refit(w32, b32, x32, keep, spec_of(CONV_S2P1),
                                             ridge=1e-12)
     assert new_w.dtype == np.float32 and new_b.dtype == np.float32
-    # The design matrix is built in float64 from the float32 data: same as float64 input.
+    # The targets are the float32 Conv (as the model computes it), the normal equations are
+    # float64: the exact solution is still found, to the precision of the targets.
     w64, b64, rep64 = least_squares_refit(w32.astype(np.float64), b32.astype(np.float64),
                                           x32.astype(np.float64), keep, spec_of(CONV_S2P1),
                                           ridge=1e-12)
-    np.testing.assert_array_equal(new_w, w64.astype(np.float32))
-    assert rep == rep64 and rep["rel_err_refit"] < 1e-6
+    assert rep["method"] == rep64["method"] == "refit" and rep["rel_err_refit"] < 1e-6
+    assert rep["rel_err_drop"] == pytest.approx(rep64["rel_err_drop"], rel=1e-6)
+    np.testing.assert_allclose(new_w, w64, rtol=1e-3, atol=1e-5)
     want = conv_ref(x32.astype(np.float64), w32.astype(np.float64), b64, **CONV_S2P1)
     got = conv_ref(x32[:, keep].astype(np.float64), new_w.astype(np.float64),
                    new_b.astype(np.float64), **CONV_S2P1)

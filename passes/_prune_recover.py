@@ -1,0 +1,392 @@
+"""Recovery orchestration for ``prune``: which layers to repair, in which order, with what.
+
+The numerics live in :mod:`edgeopt.passes.recovery`; this module finds the *consumers* (Conv
+with group 1, Gemm and MatMul layers whose constant weight reads a pruned group's channels),
+fetches their inputs (the :class:`Activations` analysis for ``bias``, an
+:class:`ActivationCache` per model for ``lsq``), and writes the refit weights, biases and
+BatchNormalization statistics back:
+
+- :func:`recover_prepare` + :func:`recover_install`: ``recover=bias`` (means of the unpruned
+  model, computed before the channels go);
+- :func:`recover_sequential`: ``recover=lsq``, level by level on the pruned model's inputs,
+  with saturation-aware rounds where a Relu/Clip follows (:func:`_clamp_after`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeopt.ir import ArrayTensor, Model, Node, Tensor, Value
+
+from ._base import Context
+from ._util import NameGen, replace_constant_input
+from .analyses.activation_cache import ActivationCache
+from .analyses.activations import Activations
+from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record, node_name
+from .recovery import (
+    Clamp,
+    LayerSpec,
+    bias_compensation,
+    layer_output,
+    least_squares_refit,
+    match_batchnorm,
+    reconstruction_error,
+    reestimate_batchnorm,
+    saturation_offset,
+)
+
+__all__ = ["Consumer", "dead_channels", "find_consumers", "recover_install", "recover_prepare",
+           "recover_sequential"]
+
+log = logging.getLogger("edgeopt.passes.prune")
+
+
+RECOVERABLE = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(eq=False)
+class Consumer:
+    """A layer whose constant weight reads a prunable group's channels (role ``in``)."""
+
+    node: Node
+    spec: LayerSpec
+    rec: Record                       # the weight's input-channel record
+    outs: list[Record]                # the weight's output-channel records (if also pruned)
+    w0: Tensor | None = None          # the unpruned weight, bias and following BN mean/var
+    b0: Tensor | None = None
+    bn0: tuple[Tensor, Tensor] | None = None
+    weight: np.ndarray | None = None  # refit results, full output axis
+    bias: np.ndarray | None = None
+    bn: tuple[np.ndarray, np.ndarray] | None = None  # matched BN mean/var, full channels
+    clamp: Clamp | None = None        # the activation after it (and its BN), unpruned
+
+    @property
+    def input(self) -> str:
+        return self.node.inputs[0].name  # type: ignore[union-attr]
+
+
+def find_consumers(model: Model, cg: ChannelGroups) -> list[Consumer]:
+    """Conv (group 1), Gemm and MatMul nodes of the main graph with an ``in`` weight record."""
+    by_node: dict[int, list[Record]] = defaultdict(list)
+    for rec in cg.records:
+        if rec.node is not None and rec.index == 1 and rec.node.op_type in RECOVERABLE:
+            by_node[id(rec.node)].append(rec)
+    found = []
+    for recs in by_node.values():
+        ins = [r for r in recs if r.role == "in"]
+        node = recs[0].node
+        assert node is not None
+        x = node.inputs[0]
+        if len(ins) != 1 or node.graph is not model.graph or x is None or not x.name \
+                or x.const_value is not None or ins[0].value.const_value is None \
+                or (node.op_type == "MatMul" and node.outputs[0].is_graph_output()):
+            continue
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and bias.const_value is None:
+            continue
+        try:
+            spec = LayerSpec.from_onnx(node.op_type, node.attrs)
+        except ValueError as e:
+            log.debug("prune: no recovery for %s: %s", node.name or node.outputs[0].name, e)
+            continue
+        bn = _following_bn(node)
+        found.append(Consumer(
+            node, spec, ins[0], [r for r in recs if r.role == "out"],
+            ins[0].value.const_value, None if bias is None else bias.const_value,
+            None if bn is None else (bn.inputs[3].const_value, bn.inputs[4].const_value),
+            clamp=_clamp_after(node)))
+    return found
+
+
+def dead_channels(cg: ChannelGroups, groups: list[ChannelGroup], act: Activations,
+                   inputs: set[str]) -> dict[int, np.ndarray]:
+    """Per group id, a mask of the channels that can go for free.
+
+    A channel is free when it is 0 on every calibration sample in every activation of the
+    group that a consumer reads.
+    """
+    dead = {}
+    for g in groups:
+        mask = None
+        for m in g.activations():
+            stats = act.stats.get(m.value.name)
+            if m.value.name not in inputs or m.axis != 1 or stats is None \
+                    or stats.channel_zero_fraction is None:
+                continue
+            zero = stats.channel_zero_fraction[m.positions] >= 1.0
+            mask = zero.all(axis=1) if mask is None else mask & zero.all(axis=1)
+        if mask is not None and mask.any():
+            dead[g.id] = mask
+    return dead
+
+
+def _chunks(act: Activations, names: list[str], n: int, factor: float = 1.0
+            ) -> list[list[str]]:
+    """Split ``names`` into requests of ``n`` samples that fit ``act.max_bytes / factor``."""
+    budget = act.max_bytes / factor
+    sizes = {x: 4.0 * n * math.prod(act.stats[x].shape[1:]) * 1.1 if x in act.stats else
+             n * act.bytes_per_sample(x) * 1.1 for x in names}
+    chunks: list[list[str]] = []
+    for name in names:
+        if chunks and sum(sizes[x] for x in chunks[-1]) + sizes[name] <= budget:
+            chunks[-1].append(name)
+        else:
+            chunks.append([name])
+    return chunks
+
+
+def _sample_chunks(act: Activations, names: list[str], n: int) -> list[tuple[list[str], int]]:
+    """Split ``names`` into ``(names, samples)`` requests that fit ``act.max_bytes``."""
+    def per_sample(name: str) -> float:
+        shape = act.stats[name].shape
+        return 4.0 * math.prod(shape[1:]) if len(shape) > 1 else 4.0
+
+    chunks: list[tuple[list[str], int]] = []
+    current: list[str] = []
+    used = 0.0
+    for name in names:
+        size = per_sample(name) * n * 1.1  # a margin for the run granularity
+        if size > act.max_bytes:
+            chunks.append(([name], max(1, int(act.max_bytes / per_sample(name) / 1.1))))
+            continue
+        if current and used + size > act.max_bytes:
+            chunks.append((current, n))
+            current, used = [], 0.0
+        current.append(name)
+        used += size
+    if current:
+        chunks.append((current, n))
+    return chunks
+
+
+def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
+           x_pruned: np.ndarray | None = None) -> dict:
+    """Compute the recovered weight/bias (and BN statistics) of one consumer.
+
+    ``x`` is the consumer's input in the unpruned model; ``x_pruned`` (optional, ``lsq``)
+    its kept channels as the pruned model computes them.
+    """
+    w = np.asarray(c.w0.numpy())  # type: ignore[union-attr]
+    b = None if c.b0 is None else np.asarray(c.b0.numpy())
+    axis = c.rec.axis
+    if mode == "lsq":
+        c.weight, c.bias, report = least_squares_refit(w, b, x, keep, c.spec,
+                                                       x_inputs=x_pruned)
+        xk = np.take(x, keep, axis=x.ndim - 1 if c.spec.kind == "gemm" else 1) \
+            if x_pruned is None else x_pruned
+        for _ in range(SATURATION_ROUNDS if c.clamp is not None else 0):
+            offset = saturation_offset(_output(x, w, b, c.spec),
+                                       _output(xk, c.weight, c.bias, c.spec), c.clamp,
+                                       axis=1 if c.spec.kind == "conv" else -1)
+            c.weight, c.bias, report = least_squares_refit(w, b, x, keep, c.spec,
+                                                           x_inputs=x_pruned, y_offset=offset)
+        drop, after = report["rel_err_drop"], report["rel_err_refit"]
+    else:
+        removed = np.setdiff1d(np.arange(w.shape[axis]), keep)
+        means = x.mean(axis=tuple(i for i in range(x.ndim) if i != (
+            x.ndim - 1 if c.spec.kind == "gemm" else 1)))
+        c.bias = bias_compensation(w, b, removed, means, c.spec)
+        c.weight = np.take(w, keep, axis=axis)
+        drop, after = reconstruction_error(w, b, x, keep, c.weight, c.bias, c.spec)
+        report = {"method": "bias"}
+    bn = _following_bn(c.node)
+    if bn is not None and c.bn0 is not None and report["method"] != "drop":
+        xk = np.take(x, keep, axis=x.ndim - 1 if c.spec.kind == "gemm" else 1) \
+            if x_pruned is None else x_pruned
+        ref = reestimate_batchnorm(layer_output(x, w, b, c.spec))
+        new = reestimate_batchnorm(layer_output(xk, c.weight, c.bias, c.spec))
+        mean, var = (np.asarray(t.numpy()) for t in c.bn0)
+        c.bn = match_batchnorm(mean, var, float(bn.attr("epsilon", 1e-5)), ref, new)
+    return {"layer": node_name(c.node), "drop": drop, "after": after,
+            "method": report["method"]}
+
+
+#: Refits that follow the first one when an activation clamps the consumer's output.
+SATURATION_ROUNDS = 2
+
+
+def _output(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, spec: LayerSpec
+            ) -> np.ndarray:
+    """A consumer's whole output on ``x`` (float32, to halve the memory)."""
+    return np.concatenate([y.astype(np.float32) for y in layer_output(x, w, b, spec)])
+
+
+def _clamp_after(node: Node) -> Clamp | None:
+    """The Relu/Clip that alone reads ``node``'s output (through its BatchNormalization).
+
+    Returns the :class:`~edgeopt.passes.recovery.Clamp` of the unpruned model (BN scale and
+    shift per output channel, and the clip bounds), or None when something else follows or
+    a bound is not constant.
+    """
+    bn = _following_bn(node)
+    v = (bn or node).outputs[0]
+    users = v.consumers()
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
+    if len(users) != 1 or users[0].op_type not in ("Relu", "Clip") or v.is_graph_output() \
+            or users[0].inputs[0] is not v or weight is None:
+        return None
+    act = users[0]
+    bounds = [0.0, math.inf] if act.op_type == "Relu" else [-math.inf, math.inf]
+    for i in (1, 2):
+        if act.op_type == "Clip" and i < len(act.inputs) and act.inputs[i] is not None:
+            if act.inputs[i].const_value is None:
+                return None
+            bounds[i - 1] = float(np.asarray(act.inputs[i].const_value.numpy()))
+    if bn is None:
+        n_out = weight.shape[0] if node.op_type == "Conv" else \
+            weight.shape[0 if node.attr("transB", 0) else 1]
+        return Clamp(np.ones(n_out), np.zeros(n_out), *bounds)
+    if any(v is None or v.const_value is None for v in bn.inputs[1:5]):
+        return None
+    gamma, beta, mean, var = (np.asarray(bn.inputs[i].const_value.numpy(), np.float64)
+                              for i in range(1, 5))
+    scale = gamma / np.sqrt(var + float(bn.attr("epsilon", 1e-5)))
+    return Clamp(scale, beta - mean * scale, *bounds)
+
+
+def _following_bn(node: Node) -> Node | None:
+    """The BatchNormalization that alone reads ``node``'s output (constant statistics)."""
+    users = node.outputs[0].consumers()
+    if len(users) != 1 or users[0].op_type != "BatchNormalization" \
+            or node.outputs[0].is_graph_output() or users[0].inputs[0] is not node.outputs[0]:
+        return None
+    bn = users[0]
+    if len(bn.inputs) < 5 or any(v is None or v.const_value is None for v in bn.inputs[3:5]):
+        return None
+    return bn
+
+
+def recover_prepare(model: Model, ctx: Context, consumers: list[Consumer], keep: Keep,
+                    act: Activations, mode: str, samples: int) -> list[dict]:
+    """Bias-compensate every consumer that loses input channels (``recover=bias``).
+
+    The means come from the consumers' inputs in the unpruned model; the results are
+    installed by :func:`recover_install`.
+
+    Activations are requested in chunks that fit the analysis' byte budget.
+    """
+    lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
+    lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms)]
+    by_input: dict[str, list[tuple[Consumer, np.ndarray]]] = defaultdict(list)
+    for c, k in lost:
+        by_input[c.input].append((c, k))
+    reports = []
+    for names, n in _sample_chunks(act, list(by_input), samples):
+        data = act.samples(tuple(names), n)
+        for name in names:
+            for c, k in by_input[name]:
+                reports.append(_refit(c, data[name], k, mode))
+                _log_report(reports[-1])
+        del data
+    return reports
+
+
+def _levels(model: Model, consumers: list[Consumer]) -> list[list[Consumer]]:
+    """Consumers grouped by how many other consumers lie upstream of their input.
+
+    Those of one level can be refit together, once the levels before them are refit.
+    """
+    index = {id(c.node): c for c in consumers}
+    depth: dict[str, int] = {}
+    levels: dict[int, list[Consumer]] = defaultdict(list)
+    for node in model.graph:
+        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
+        if id(node) in index:
+            levels[d].append(index[id(node)])
+            d += 1
+        for out in node.outputs:
+            depth[out.name] = d
+    return [levels[k] for k in sorted(levels)]
+
+
+def recover_sequential(model: Model, ctx: Context, original: Model, consumers: list[Consumer],
+                       keep: Keep, samples: int) -> list[dict]:
+    """Least-squares refit of every consumer, level by level, on the pruned model's inputs.
+
+    Each consumer's targets are its outputs in the ``original`` (unpruned) model; its inputs
+    are its kept input channels as the pruned model, with the levels before already refit,
+    computes them, so that errors made upstream are corrected downstream. Activations are
+    fetched in chunks that fit the byte budget, from caches that keep the values already
+    computed (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`).
+    """
+    lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
+    lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms)]
+    kept = {id(c): k for c, k in lost}
+    ref = Activations(original, ctx, values=())  # size estimates for _chunks
+    # Each cache runs only the nodes between the values it holds and the ones asked for:
+    # about one pass over each model in all, instead of one per level.
+    ref_x = ActivationCache(original, ctx, samples, max_bytes=ref.max_bytes // 2)
+    now_x = ActivationCache(model, ctx, samples, max_bytes=ref.max_bytes // 2)
+    reports = []
+    for level in _levels(model, [c for c, _ in lost]):
+        names = list(dict.fromkeys(c.input for c in level))
+        for chunk in _chunks(ref, names, samples, factor=2):
+            xs = ref_x.get(chunk)
+            xp = now_x.get(chunk)
+            for c in level:
+                if c.input in chunk:
+                    reports.append(_refit(c, xs[c.input], kept[id(c)], "lsq", xp[c.input]))
+                    _log_report(reports[-1])
+            del xs, xp
+        recover_install(model, level, keep)
+    return reports
+
+
+def _log_report(report: dict) -> None:
+    log.info("prune: recover %s (%s): relative error %.4f dropped -> %.4f", report["layer"],
+             report["method"], report["drop"], report["after"])
+
+
+def recover_install(model: Model, consumers: list[Consumer], keep: Keep) -> int:
+    """Write the refit weights, biases and BN statistics into the pruned model."""
+    names = NameGen(model)
+    done = 0
+    for c in consumers:
+        if c.weight is None or c.bias is None:
+            continue
+        w, b = c.weight, c.bias.ravel()
+        out_axis = 0 if c.rec.axis == 1 else 1
+        for rec in c.outs:
+            if rec.axis == out_axis:
+                mask = np.flatnonzero(keep(rec.atoms))
+                w, b = np.take(w, mask, axis=out_axis), b[mask]
+                if c.bn is not None:
+                    c.bn = (c.bn[0][mask], c.bn[1][mask])
+        replace_constant_input(c.node, 1, ArrayTensor(np.ascontiguousarray(w)), names)
+        _set_bias(model, c.node, b, names)
+        bn = _following_bn(c.node)
+        if c.bn is not None and bn is not None:
+            for i, arr in zip((3, 4), c.bn, strict=True):
+                replace_constant_input(bn, i, ArrayTensor(np.ascontiguousarray(arr)), names)
+        done += 1
+    return done
+
+
+def _set_bias(model: Model, node: Node, bias: np.ndarray, names: NameGen) -> None:
+    """Give ``node`` the bias ``bias``; a MatMul gets an ``Add`` after it."""
+    if node.op_type != "MatMul":
+        old = node.inputs[2] if len(node.inputs) > 2 else None
+        if old is not None and old.const_value is not None and len(old.const_value.shape) == 2:
+            bias = bias.reshape(1, -1)  # keep a Gemm C of shape [1, out]
+        replace_constant_input(node, 2, ArrayTensor(bias), names)
+        return
+    out = node.outputs[0]
+    graph = node.graph
+    assert graph is not None
+    const = graph.add_initializer(names.fresh(f"{out.name}_bias"), ArrayTensor(bias))
+    result = Value(names.fresh(f"{out.name}_biased"), out.dtype, out.shape)
+    uses = list(out.uses())
+    add = Node("Add", (out, const), outputs=(result,),
+               name=names.fresh(f"{node.name or out.name}_bias"))
+    graph.insert_after(node, [add])
+    for use in uses:
+        use.node.set_input(use.index, result)
+
+
+
+
