@@ -37,7 +37,6 @@ from .recovery import (
     match_batchnorm,
     reconstruction_error,
     reestimate_batchnorm,
-    saturation_offset,
 )
 
 __all__ = ["Consumer", "dead_channels", "find_consumers", "recover_install", "recover_prepare",
@@ -175,16 +174,8 @@ def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
     b = None if c.b0 is None else np.asarray(c.b0.numpy())
     axis = c.rec.axis
     if mode == "lsq":
-        c.weight, c.bias, report = least_squares_refit(w, b, x, keep, c.spec,
-                                                       x_inputs=x_pruned)
-        xk = np.take(x, keep, axis=x.ndim - 1 if c.spec.kind == "gemm" else 1) \
-            if x_pruned is None else x_pruned
-        for _ in range(SATURATION_ROUNDS if c.clamp is not None else 0):
-            offset = saturation_offset(_output(x, w, b, c.spec),
-                                       _output(xk, c.weight, c.bias, c.spec), c.clamp,
-                                       axis=1 if c.spec.kind == "conv" else -1)
-            c.weight, c.bias, report = least_squares_refit(w, b, x, keep, c.spec,
-                                                           x_inputs=x_pruned, y_offset=offset)
+        c.weight, c.bias, report = least_squares_refit(
+            w, b, x, keep, c.spec, x_inputs=x_pruned, clamp=c.clamp, rounds=SATURATION_ROUNDS)
         drop, after = report["rel_err_drop"], report["rel_err_refit"]
     else:
         removed = np.setdiff1d(np.arange(w.shape[axis]), keep)
@@ -206,14 +197,9 @@ def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
             "method": report["method"]}
 
 
-#: Refits that follow the first one when an activation clamps the consumer's output.
+#: Saturation rounds after a refit when an activation clamps the consumer's output
+#: (see :func:`~edgeopt.passes.recovery.least_squares_refit`).
 SATURATION_ROUNDS = 2
-
-
-def _output(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, spec: LayerSpec
-            ) -> np.ndarray:
-    """A consumer's whole output on ``x`` (float32, to halve the memory)."""
-    return np.concatenate([y.astype(np.float32) for y in layer_output(x, w, b, spec)])
 
 
 def _clamp_after(node: Node) -> Clamp | None:

@@ -32,6 +32,8 @@ Layout = Literal["in_out", "out_in"]
 Rows = Callable[[np.ndarray], np.ndarray]  # row indices -> design rows
 #: Elements of float64 design-matrix data built at once (bounds memory; ~64 MB).
 CHUNK_ELEMS = 1 << 23
+#: Most bytes of design rows kept between saturation rounds of one refit.
+ROUND_CACHE_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,9 @@ class _Design:
     per_sample: int         # consecutive rows per calibration sample
     offset: Rows | None = None  # row indices -> what to add to the targets (None = 0)
 
-    def moments(self, rows: np.ndarray) -> _Moments:
+    def moments(self, rows: np.ndarray, adjust: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                | None = None, gram: np.ndarray | None = None,
+                cache: list[tuple[np.ndarray, np.ndarray]] | None = None) -> _Moments:
         """Accumulate the moments of ``rows`` chunk by chunk.
 
         Sums are taken around the first chunk's means, which avoids the cancellation of
@@ -278,31 +282,51 @@ class _Design:
         (the unpruned layer's output) are computed in the precision of the inputs, as the
         model itself computes them: float32 activations give float32 targets, at half the
         cost of the largest product; the moments and everything after are float64.
+
+        ``adjust(y, x)`` (optional) replaces each chunk's targets (float64, offset applied)
+        given its regression inputs; ``gram`` (optional) is the centered ``X^T X`` of these
+        same rows from an earlier call, which is then not accumulated again. ``cache``
+        (optional, a list): when empty it is filled with each chunk's ``(targets, inputs)``
+        (before ``adjust``); when filled, those are used instead of recomputing the rows.
         """
         step = max(1, CHUNK_ELEMS // max(self.w2.shape[0] + self.w2.shape[1], 1))
         sx = sy = None
         n, axx, axy, sum_x, sum_y, yy, y_norm2 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        w2 = None
-        for i in range(0, len(rows), step):
+        cached = bool(cache)
+        for k, i in enumerate(range(0, len(rows), step)):
             r = rows[i:i + step]
-            xf = self.full(r)
-            if w2 is None:  # the targets in the rows' precision, as the model computes them
-                w2 = self.w2.astype(xf.dtype, copy=False)
-            y = (xf @ w2).astype(np.float64) + self.b0
-            if self.offset is not None:
-                y = y + self.offset(r)
-            xk = (xf[:, self.cols] if self.pruned is None else self.pruned(r)).astype(np.float64)
+            if cached:
+                y, xk = cache[k]  # type: ignore[index]
+            else:
+                y, xk = self._rows(r)
+                if cache is not None:
+                    cache.append((y, xk))
+            if adjust is not None:
+                y = adjust(y, xk)
             if sx is None:
                 sx, sy = xk.mean(axis=0), y.mean(axis=0)
             y_norm2 += float(np.sum(y * y))
             xk, y = xk - sx, y - sy
             n += len(r)
-            axx, axy = axx + xk.T @ xk, axy + xk.T @ y
+            axx = axx + xk.T @ xk if gram is None else axx
+            axy = axy + xk.T @ y
             sum_x, sum_y = sum_x + xk.sum(axis=0), sum_y + y.sum(axis=0)
             yy += float(np.sum(y * y))
         mx, my = sum_x / n, sum_y / n
-        return _Moments(n, mx + sx, my + sy, axx - n * np.outer(mx, mx),
+        return _Moments(n, mx + sx, my + sy,
+                        axx - n * np.outer(mx, mx) if gram is None else gram,
                         axy - n * np.outer(mx, my), yy - n * float(my @ my), y_norm2)
+
+
+    def _rows(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(targets, regression inputs)`` of design rows ``r``, float64."""
+        xf = self.full(r)
+        # The targets in the rows' precision, as the model computes them.
+        y = (xf @ self.w2.astype(xf.dtype, copy=False)).astype(np.float64) + self.b0
+        if self.offset is not None:
+            y = y + self.offset(r)
+        xk = (xf[:, self.cols] if self.pruned is None else self.pruned(r)).astype(np.float64)
+        return y, xk
 
 
 def _row_source(x: np.ndarray, kernel: Sequence[int], spec: LayerSpec, channels: int
@@ -398,6 +422,31 @@ def _choose(d: _Design, fit: _Moments, val: _Moments, ridges: Sequence[float]
     return report, w_new, b_new
 
 
+def _saturation_rounds(d: _Design, rows: np.ndarray, w: np.ndarray, b: np.ndarray,
+                       clamp: Clamp, ridge: float, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-solve ``rounds`` times with targets moved where the activation clips alike.
+
+    The rows' targets and inputs are kept between rounds when they fit in
+    :data:`ROUND_CACHE_BYTES` (then a round costs two products instead of rebuilding them).
+    """
+    gram = None
+    width = len(d.cols) + d.w2.shape[1]
+    cache: list[tuple[np.ndarray, np.ndarray]] | None = \
+        [] if len(rows) * width * 8 <= ROUND_CACHE_BYTES else None
+    for _ in range(rounds):
+        def adjust(y: np.ndarray, x: np.ndarray, w: np.ndarray = w, b: np.ndarray = b
+                   ) -> np.ndarray:
+            return y + saturation_offset(y, x @ w + b, clamp, axis=-1)
+
+        m = d.moments(rows, adjust, gram, cache)
+        gram = m.axx
+        w_next = _solve(m, ridge)
+        if w_next is None:
+            break
+        w, b = w_next, m.bias_for(w_next)
+    return w, b
+
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -430,7 +479,8 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
                         keep: Sequence[int], spec: LayerSpec,
                         ridge: float | Sequence[float] = RIDGES, max_rows: int = 16384,
                         seed: int = 0, x_inputs: np.ndarray | None = None,
-                        holdout: float = 0.25, y_offset: np.ndarray | None = None
+                        holdout: float = 0.25, y_offset: np.ndarray | None = None,
+                        clamp: Clamp | None = None, rounds: int = 2
                         ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Refit the consumer's weights over its kept input channels to match its unpruned output.
 
@@ -463,6 +513,12 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
         y_offset: optional correction added to the targets, shaped like the layer's full
             output (``[N, out, *out_spatial]`` for Conv, ``[..., out]`` for gemm), e.g. from
             :func:`saturation_offset`.
+        clamp: the activation after the layer (see :class:`Clamp`), or None. With it, a
+            refit is followed by ``rounds`` saturation rounds: on the same rows, wherever the
+            target and the current fit land on the same clipped side, the target becomes the
+            fit (:func:`saturation_offset`), and the weights are solved again with the same
+            ridge. Only ``X^T Y`` is recomputed; the Gram matrix is reused.
+        rounds: saturation rounds (with ``clamp``).
 
     Returns:
         ``(weight_kept, bias, report)``: the weight over the kept channels in the original
@@ -499,6 +555,10 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
     val = design.moments(val_rows) if len(val_rows) else fit
     ridges = (ridge,) if isinstance(ridge, (int, float)) else tuple(ridge)
     report, w_new, b_new = _choose(design, fit, val, ridges)
+    if clamp is not None and rounds > 0 and report["method"] == "refit":
+        w_new, b_new = _saturation_rounds(design, np.sort(np.concatenate([fit_rows, val_rows])),
+                                          w_new, b_new, clamp, report["ridge"], rounds)
+        report["saturation_rounds"] = rounds
     report |= {"rows": len(fit_rows) + len(val_rows), "rows_held_out": len(val_rows)}
     dt = _float_dtype(weight)
     if spec.kind == "conv":
@@ -597,15 +657,16 @@ def saturation_offset(y: np.ndarray, y_hat: np.ndarray, clamp: Clamp, axis: int 
         axis: the channel axis.
 
     Returns:
-        ``y_hat - y`` where both saturate the same way, else 0 (float32).
+        ``y_hat - y`` where both saturate the same way, else 0 (in the inputs' dtype).
     """
     shape = [1] * y.ndim
     shape[axis] = -1
-    a = np.asarray(clamp.scale, np.float32).reshape(shape)
-    b = np.asarray(clamp.shift, np.float32).reshape(shape)
+    dtype = np.result_type(y, y_hat)
+    a = np.asarray(clamp.scale, dtype).reshape(shape)
+    b = np.asarray(clamp.shift, dtype).reshape(shape)
     u, u_hat = a * y + b, a * y_hat + b
     same = ((u <= clamp.lo) & (u_hat <= clamp.lo)) | ((u >= clamp.hi) & (u_hat >= clamp.hi))
-    return np.where(same, y_hat - y, 0).astype(np.float32)
+    return np.where(same, y_hat - y, 0).astype(dtype)
 
 
 # -- BatchNormalization ------------------------------------------------------------------------

@@ -204,3 +204,25 @@ def test_recon_prunes_the_digits_mobilenetv2_better_than_l1():
     err = {c: np.linalg.norm(outs[c] - outs["none"]) / np.linalg.norm(outs["none"])
            for c in ("l1", "recon")}
     assert err["recon"] < 0.9 * err["l1"], err
+
+
+def test_refit_with_a_clamp_runs_the_saturation_rounds_itself():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 8)) @ rng.standard_normal((8, 12)) \
+        + 0.3 * rng.standard_normal((4000, 12))
+    w = rng.standard_normal((12, 6))
+    keep, spec = np.arange(6), LayerSpec("gemm")
+    clamp = Clamp(np.ones(6), np.full(6, -1.0), 0.0, np.inf)
+    ref = np.maximum(x @ w - 1, 0)
+
+    def post_err(wk: np.ndarray, bk: np.ndarray) -> float:
+        return float(np.linalg.norm(np.maximum(x[:, keep] @ wk + bk - 1, 0) - ref))
+
+    plain = post_err(*least_squares_refit(w, None, x, keep, spec)[:2])
+    wk, bk, report = least_squares_refit(w, None, x, keep, spec, clamp=clamp, rounds=2)
+    assert report["saturation_rounds"] == 2
+    assert post_err(wk, bk) < 0.995 * plain
+    # No clamp, no rounds: the plain refit, bit for bit.
+    w0, b0, r0 = least_squares_refit(w, None, x, keep, spec, clamp=None, rounds=2)
+    np.testing.assert_array_equal(w0, least_squares_refit(w, None, x, keep, spec)[0])
+    assert "saturation_rounds" not in r0
