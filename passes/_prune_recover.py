@@ -39,10 +39,14 @@ from .recovery import (
     reestimate_batchnorm,
 )
 
-__all__ = ["Consumer", "dead_channels", "find_consumers", "recover_install", "recover_prepare",
-           "recover_sequential"]
+__all__ = ["META_KEY", "Consumer", "dead_channels", "find_consumers", "recover_install",
+           "recover_prepare", "recover_sequential"]
 
 log = logging.getLogger("edgeopt.passes.prune")
+
+#: ``Node.meta`` key of a recovered layer's ``{"drop", "after", "method"}``: its relative
+#: output error on the calibration data with the channels just dropped and after recovery.
+META_KEY = "edgeopt.recovery"
 
 
 RECOVERABLE = ("Conv", "Gemm", "MatMul")
@@ -59,10 +63,11 @@ class Consumer:
     w0: Tensor | None = None          # the unpruned weight, bias and following BN mean/var
     b0: Tensor | None = None
     bn0: tuple[Tensor, Tensor] | None = None
-    weight: np.ndarray | None = None  # refit results, full output axis
+    weight: np.ndarray | None = None  # refit results (surviving outputs if outs_sliced)
     bias: np.ndarray | None = None
     bn: tuple[np.ndarray, np.ndarray] | None = None  # matched BN mean/var, full channels
     clamp: Clamp | None = None        # the activation after it (and its BN), unpruned
+    outs_sliced: bool = False         # weight/bias/bn hold only the surviving outputs
 
     @property
     def input(self) -> str:
@@ -163,19 +168,39 @@ def _sample_chunks(act: Activations, names: list[str], n: int) -> list[tuple[lis
     return chunks
 
 
+def _out_kept(c: Consumer, keep: Keep) -> np.ndarray | None:
+    """Indices of the consumer's output channels that survive (None: all of them)."""
+    out_axis = 0 if c.rec.axis == 1 else 1
+    mask = None
+    for rec in c.outs:
+        if rec.axis == out_axis:
+            m = keep(rec.atoms)
+            mask = m if mask is None else mask & m
+    return None if mask is None or mask.all() else np.flatnonzero(mask)
+
+
 def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
-           x_pruned: np.ndarray | None = None) -> dict:
+           x_pruned: np.ndarray | None = None, out_kept: np.ndarray | None = None) -> dict:
     """Compute the recovered weight/bias (and BN statistics) of one consumer.
 
     ``x`` is the consumer's input in the unpruned model; ``x_pruned`` (optional, ``lsq``)
-    its kept channels as the pruned model computes them.
+    its kept channels as the pruned model computes them; ``out_kept`` the output channels
+    that survive (the others are neither fitted nor scored).
     """
     w = np.asarray(c.w0.numpy())  # type: ignore[union-attr]
-    b = None if c.b0 is None else np.asarray(c.b0.numpy())
+    b = None if c.b0 is None else np.asarray(c.b0.numpy()).ravel()
     axis = c.rec.axis
+    clamp, bn0 = c.clamp, None if c.bn0 is None else [np.asarray(t.numpy()) for t in c.bn0]
+    if out_kept is not None:
+        w = np.take(w, out_kept, axis=0 if axis == 1 else 1)
+        b = None if b is None else b[out_kept]
+        bn0 = None if bn0 is None else [a[out_kept] for a in bn0]
+        clamp = None if clamp is None else Clamp(clamp.scale[out_kept], clamp.shift[out_kept],
+                                                 clamp.lo, clamp.hi)
+        c.outs_sliced = True
     if mode == "lsq":
         c.weight, c.bias, report = least_squares_refit(
-            w, b, x, keep, c.spec, x_inputs=x_pruned, clamp=c.clamp, rounds=SATURATION_ROUNDS)
+            w, b, x, keep, c.spec, x_inputs=x_pruned, clamp=clamp, rounds=SATURATION_ROUNDS)
         drop, after = report["rel_err_drop"], report["rel_err_refit"]
     else:
         removed = np.setdiff1d(np.arange(w.shape[axis]), keep)
@@ -186,15 +211,17 @@ def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
         drop, after = reconstruction_error(w, b, x, keep, c.weight, c.bias, c.spec)
         report = {"method": "bias"}
     bn = _following_bn(c.node)
-    if bn is not None and c.bn0 is not None and report["method"] != "drop":
+    if bn is not None and bn0 is not None and report["method"] != "drop":
         xk = np.take(x, keep, axis=x.ndim - 1 if c.spec.kind == "gemm" else 1) \
             if x_pruned is None else x_pruned
         ref = reestimate_batchnorm(layer_output(x, w, b, c.spec))
         new = reestimate_batchnorm(layer_output(xk, c.weight, c.bias, c.spec))
-        mean, var = (np.asarray(t.numpy()) for t in c.bn0)
-        c.bn = match_batchnorm(mean, var, float(bn.attr("epsilon", 1e-5)), ref, new)
-    return {"layer": node_name(c.node), "drop": drop, "after": after,
-            "method": report["method"]}
+        c.bn = match_batchnorm(bn0[0], bn0[1], float(bn.attr("epsilon", 1e-5)), ref, new)
+    result = {"layer": node_name(c.node), "drop": drop, "after": after,
+              "method": report["method"]}
+    # For reports (``edgeopt`` shows it in its layer table); kept by clones, not exported.
+    c.node.meta[META_KEY] = {k: result[k] for k in ("drop", "after", "method")}
+    return result
 
 
 #: Saturation rounds after a refit when an activation clamps the consumer's output
@@ -266,7 +293,7 @@ def recover_prepare(model: Model, ctx: Context, consumers: list[Consumer], keep:
         data = act.samples(tuple(names), n)
         for name in names:
             for c, k in by_input[name]:
-                reports.append(_refit(c, data[name], k, mode))
+                reports.append(_refit(c, data[name], k, mode, out_kept=_out_kept(c, keep)))
                 _log_report(reports[-1])
         del data
     return reports
@@ -316,7 +343,8 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
             xp = now_x.get(chunk)
             for c in level:
                 if c.input in chunk:
-                    reports.append(_refit(c, xs[c.input], kept[id(c)], "lsq", xp[c.input]))
+                    reports.append(_refit(c, xs[c.input], kept[id(c)], "lsq", xp[c.input],
+                                          _out_kept(c, keep)))
                     _log_report(reports[-1])
             del xs, xp
         recover_install(model, level, keep)
@@ -337,7 +365,7 @@ def recover_install(model: Model, consumers: list[Consumer], keep: Keep) -> int:
             continue
         w, b = c.weight, c.bias.ravel()
         out_axis = 0 if c.rec.axis == 1 else 1
-        for rec in c.outs:
+        for rec in () if c.outs_sliced else c.outs:
             if rec.axis == out_axis:
                 mask = np.flatnonzero(keep(rec.atoms))
                 w, b = np.take(w, mask, axis=out_axis), b[mask]

@@ -37,6 +37,9 @@ from edgeopt.ir import LazyTensor, Model, Node, Tensor
 from ._base import Context, OptionError, PassResult
 from ._manager import model_stats
 from ._prune_recover import (
+    META_KEY as RECOVERY_META_KEY,
+)
+from ._prune_recover import (
     Consumer,
     dead_channels,
     find_consumers,
@@ -51,7 +54,8 @@ from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record
 from .analyses.costs import MAC_RULES, bind_batch, layer_costs
 from .dce import dce
 
-__all__ = ["PruneOptions", "apply", "keep_count", "keep_nonempty", "plan", "prune"]
+__all__ = ["RECOVERY_META_KEY", "PruneOptions", "apply", "keep_count", "keep_nonempty", "plan",
+           "prune"]
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from edgeopt.ir import EdgeoptError, Model, Node
 from edgeopt.passes.analyses.costs import MAC_RULES, bind_batch
+from edgeopt.passes.prune import RECOVERY_META_KEY as RECOVERY_KEY
 
 from ._console import format_table
 
@@ -39,6 +40,8 @@ class Layer:
     out_channels: int | None
     params: int
     macs: int | None  # None: shapes unknown
+    #: prune's recovery of this layer: relative output error (dropped, recovered), or None.
+    recovery: tuple[float, float] | None = None
 
     def signature(self) -> tuple:
         """What the table compares: channels, parameters, MACs."""
@@ -82,6 +85,9 @@ class LayerChange:
         for key in ("in_channels", "out_channels", "params", "macs"):
             out[key] = {"before": getattr(self.before, key, None),
                         "after": getattr(self.after, key, None)}
+        rec = getattr(self.after, "recovery", None)
+        if rec is not None:
+            out["recovery_error"] = {"dropped": rec[0], "recovered": rec[1]}
         return out
 
 
@@ -124,8 +130,10 @@ def _layer(node: Node) -> Layer | None:
         channels = (None, None)
     params = sum(v.const_value.size for v in node.inputs
                  if v is not None and v.const_value is not None)
+    rec = node.meta.get(RECOVERY_KEY)
     return Layer(node.name or node.outputs[0].name, node.op_type, *channels, params,
-                 MAC_RULES[node.op_type](node))
+                 MAC_RULES[node.op_type](node),
+                 None if rec is None else (float(rec["drop"]), float(rec["after"])))
 
 
 def snapshot(model: Model) -> list[Layer]:
@@ -184,6 +192,7 @@ def format_changes(changes: Sequence[LayerChange], limit: int | None = MAX_ROWS)
         keep = set(sorted(range(len(shown)), key=lambda i: shown[i].magnitude(),
                           reverse=True)[:limit])
         shown = [c for i, c in enumerate(shown) if i in keep]
+    recovered = any(getattr(c.after, "recovery", None) for c in shown)
     rows = []
     for c in shown:
         b, a = c.before, c.after
@@ -191,12 +200,19 @@ def format_changes(changes: Sequence[LayerChange], limit: int | None = MAX_ROWS)
         rows.append((name, c.op_type,
                      *(_arrow(getattr(b, k, None), getattr(a, k, None), status=c.status,
                               sep=k in ("params", "macs"))
-                       for k in ("in_channels", "out_channels", "params", "macs"))))
-    text = format_table(rows, ("layer", "op", "in", "out", "params", "MACs"), right=(2, 3, 4, 5))
+                       for k in ("in_channels", "out_channels", "params", "macs")),
+                     *([_error(getattr(a, "recovery", None))] if recovered else [])))
+    header = ("layer", "op", "in", "out", "params", "MACs") + \
+        (("output error (dropped->recovered)",) if recovered else ())
+    text = format_table(rows, header, right=(2, 3, 4, 5))
     if len(shown) < len(changes):
         text += (f"\n... and {len(changes) - len(shown)} more changed layers (smaller changes; "
                  "--layers lists all)")
     return text
+
+
+def _error(rec: tuple[float, float] | None) -> str:
+    return "" if rec is None else f"{rec[0]:.3f}->{rec[1]:.3f}"
 
 
 def to_dicts(changes: Sequence[LayerChange]) -> list[dict[str, Any]]:

@@ -257,3 +257,19 @@ def test_compare_times_a_static_batch_model(tmp_path, capsys):
                  "--json", "-q"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["outputs"][0]["max_abs_error"] == 0.0 and data["latency_ms"]["a"] > 0
+
+
+def test_recovered_layers_show_their_output_error(tmp_path, capsys):
+    calib = os.path.join(EXAMPLES, "calib.npz")
+    out = tmp_path / "o.onnx"
+    assert main([CNN, "-p", "prune:0.5", "--calib", calib, "-o", str(out), "-q", "--json"]) == 0
+    rows = {r["node"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    # The first Conv reads the image (nothing pruned upstream): no recovery.
+    assert "recovery_error" not in rows["/features/features.0/Conv"]
+    err = rows[CONV3]["recovery_error"]
+    assert 0 <= err["recovered"] < err["dropped"] <= 1.5
+    assert main([CNN, "-p", "prune:0.5", "--calib", calib, "-o", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "output error (dropped->recovered)" in text
+    row = next(line for line in text.splitlines() if line.startswith(CONV3 + " "))
+    assert row.split()[-1] == f"{err['dropped']:.3f}->{err['recovered']:.3f}"
