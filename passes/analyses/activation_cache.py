@@ -24,7 +24,7 @@ from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError, Model
 
 from .._util import NameGen
-from .activations import Activations, _first_line, _OrtModel, _require_calib
+from .activations import Activations, _OrtModel, _require_calib, run_session
 
 __all__ = ["ActivationCache"]
 
@@ -332,11 +332,7 @@ class ActivationCache:
 
     def _run(self, session: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray]
              ) -> list[np.ndarray]:
-        try:
-            outs = session.run(list(names), dict(feeds))
-        except Exception as e:  # ORT raises its own exception types
-            raise EdgeoptError(f"ActivationCache: ONNX Runtime failed on the calibration data "
-                               f"from {self._data.source}: {_first_line(e)}") from None
+        outs = run_session(session, names, feeds, "ActivationCache", self._data.source)
         self.runs += 1
         return outs
 

@@ -44,7 +44,7 @@ from edgeopt.ir import DataType, EdgeoptError, Model
 
 from ..calib import CalibrationData, CalibrationError
 
-__all__ = ["Activations", "ValueStats"]
+__all__ = ["Activations", "ValueStats", "run_session"]
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,16 @@ class _OrtModel:
         self.close()
 
 
+def run_session(session: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray],
+                who: str, source: str) -> list[np.ndarray]:
+    """``session.run(names, feeds)``; an ORT failure becomes one EdgeoptError line."""
+    try:
+        return session.run(list(names), dict(feeds))
+    except Exception as e:  # ORT raises its own exception types
+        raise EdgeoptError(f"{who}: ONNX Runtime failed on the calibration data from "
+                           f"{source}: {_first_line(e)}") from None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -510,11 +520,7 @@ class Activations:
 
     def _run(self, session: Any, names: Sequence[str],
              feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            outs = session.run(list(names), dict(feeds))
-        except Exception as e:  # ORT raises its own exception types
-            raise EdgeoptError(f"Activations: ONNX Runtime failed on the calibration data from "
-                               f"{self._calib.source}: {_first_line(e)}") from None
+        outs = run_session(session, names, feeds, "Activations", self._calib.source)
         self.runs += 1
         self.peak_bytes = max(self.peak_bytes, sum(o.nbytes for o in outs))
         return outs

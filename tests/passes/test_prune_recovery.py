@@ -31,10 +31,11 @@ def feeds_for(proto, seed: int = 1) -> dict[str, np.ndarray]:
             for i in proto.graph.input if i.name not in inits}
 
 
-@pytest.mark.parametrize("recover", ["lsq", "bias"])
-@pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "se", "concat", "mlp"])
-def test_recovery_keeps_planted_zero_pruning_exact(name, recover):
-    # Removed channels contribute nothing: recovery must find nothing to correct.
+def prune_planted(name: str, spec: str) -> tuple[dict, dict]:
+    """Plant zeros in the channels ``prune:0.5`` removes, run ``spec``, check ORT outputs.
+
+    Returns the pass stats and the planned removal.
+    """
     model = ir.from_proto(BUILDERS[name]())
     groups = ChannelGroups(model)
     removal = plan_removal(groups, 0.5)
@@ -42,15 +43,22 @@ def test_recovery_keeps_planted_zero_pruning_exact(name, recover):
     proto = ir.to_proto(model)
     feeds = feeds_for(proto)
     expected = run_ort(proto, feeds)
-    ctx = Context(calib=random_calibration(model, 16))
-    stats = run(model, f"prune:0.5,recover={recover},importance=l1", ctx)
+    stats = run(model, spec, Context(calib=random_calibration(model, 16)))
+    for got, want in zip(run_ort(ir.to_proto(model), feeds), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0,
+                                   atol=1e-5 * max(1.0, float(np.abs(want).max())))
+    return stats, removal
+
+
+@pytest.mark.parametrize("recover", ["lsq", "bias"])
+@pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "se", "concat", "mlp"])
+def test_recovery_keeps_planted_zero_pruning_exact(name, recover):
+    # Removed channels contribute nothing: recovery must find nothing to correct.
+    stats, removal = prune_planted(name, f"prune:0.5,recover={recover},importance=l1")
     assert stats["channels_removed"] == sum(len(r) for r in removal.values())
     assert stats["recovered_layers"] > 0
     assert stats["recon_err_drop_mean"] < 1e-5
     assert stats["recon_err_after_mean"] < 1e-5
-    for got, want in zip(run_ort(ir.to_proto(model), feeds), expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=0,
-                                   atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
 def test_recover_needs_calibration():
@@ -156,16 +164,8 @@ def test_steps_reach_the_same_channel_counts_as_one_shot():
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
 def test_steps_keep_planted_zero_pruning_exact(name):
-    model = ir.from_proto(BUILDERS[name]())
-    groups = ChannelGroups(model)
-    plant_zeros(groups, plan_removal(groups, 0.5))
-    proto = ir.to_proto(model)
-    feeds = feeds_for(proto)
-    expected = run_ort(proto, feeds)
-    run(model, "prune:0.5,importance=l1,steps=2", Context(calib=random_calibration(model, 16)))
-    for got, want in zip(run_ort(ir.to_proto(model), feeds), expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=0,
-                                   atol=1e-5 * max(1.0, float(np.abs(want).max())))
+    stats, removal = prune_planted(name, "prune:0.5,importance=l1,steps=2")
+    assert stats["channels_removed"] == sum(len(r) for r in removal.values())
 
 
 def test_steps_must_be_positive():
