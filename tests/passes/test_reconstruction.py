@@ -223,6 +223,109 @@ def test_refit_with_a_clamp_runs_the_saturation_rounds_itself():
     assert report["saturation_rounds"] == 2
     assert post_err(wk, bk) < 0.995 * plain
     # No clamp, no rounds: the plain refit, bit for bit.
-    w0, b0, r0 = least_squares_refit(w, None, x, keep, spec, clamp=None, rounds=2)
+    w0, _, r0 = least_squares_refit(w, None, x, keep, spec, clamp=None, rounds=2)
     np.testing.assert_array_equal(w0, least_squares_refit(w, None, x, keep, spec)[0])
     assert "saturation_rounds" not in r0
+
+
+# -- the elimination and the fetching of recon ---------------------------------------------
+def _consumer_and_moments(x: np.ndarray, w2: np.ndarray, cols: list[np.ndarray]):
+    """A recon consumer state built as ``recon`` does, and its regularized Gram ``G`` and
+    ``H = X^T Y`` (centered) for a from-scratch reference."""
+    xc = x - x.mean(axis=0)
+    g = xc.T @ xc
+    h = g @ w2
+    energy = float(np.sum(w2 * h))
+    g = g + reconstruction.RIDGE * np.trace(g) / len(g) * np.eye(len(g))
+    p = np.linalg.inv(g)
+    return reconstruction._Consumer(cols, p, p @ h, energy), (g, h, energy)
+
+
+def _refit_loss(g: np.ndarray, h: np.ndarray, present: np.ndarray) -> float:
+    """Ridge objective of the best refit on the ``present`` columns, up to a constant."""
+    gs, hs = g[np.ix_(present, present)], h[present]
+    return -float(np.sum(hs * np.linalg.solve(gs, hs))) if len(present) else 0.0
+
+
+def test_recon_elimination_matches_a_greedy_that_refits_from_scratch(monkeypatch):
+    # The closed-form downdates (done in place, compacted as columns go, costs batched by
+    # block size) remove the same channels, at the same error increases, as re-solving the
+    # ridge regression from scratch at every step.
+    monkeypatch.setattr(reconstruction, "STEPS", 1000)  # one channel per step
+    rng = np.random.default_rng(0)
+    size, n = 10, 400
+
+    def correlated(d: int) -> np.ndarray:
+        return rng.standard_normal((n, 6)) @ rng.standard_normal((6, d)) \
+            + 0.5 * rng.standard_normal((n, d)) + 1.0
+
+    # Consumer a: 3 columns per channel (taps) and 4 columns outside the group; channel 9
+    # does not reach it. Consumer b: one column per channel.
+    cols_a = [np.arange(3 * c, 3 * c + 3) for c in range(9)] + [np.zeros(0, np.int64)]
+    cols_b = [np.array([c]) for c in range(size)]
+    a, ref_a = _consumer_and_moments(correlated(31), rng.standard_normal((31, 5)), cols_a)
+    b, ref_b = _consumer_and_moments(correlated(size), rng.standard_normal((size, 3)), cols_b)
+    scores = reconstruction._eliminate([a, b], size)
+
+    alive, done, want = list(range(size)), 0.0, np.zeros(size)
+    refs = ((ref_a, cols_a, 31), (ref_b, cols_b, size))
+    while alive:
+        def cost(c: int) -> float:
+            total = 0.0
+            for (g, h, energy), cols, d in refs:
+                present = np.setdiff1d(np.arange(d), np.concatenate(
+                    [cols[k] for k in range(size) if k not in alive] + [np.zeros(0, int)]))
+                without = np.setdiff1d(present, cols[c])
+                total += (_refit_loss(g, h, without) - _refit_loss(g, h, present)) / energy
+            return total
+
+        costs = [cost(c) for c in alive]
+        c = alive[int(np.argmin(costs))]
+        done += min(costs)
+        want[c] = done
+        alive.remove(c)
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(want))
+    np.testing.assert_allclose(scores, want, rtol=1e-7, atol=1e-12)
+
+
+def _resnet_with_calibration() -> tuple[ir.Model, Context]:
+    from models import resnet
+
+    model = ir.from_proto(resnet())
+    x = np.random.default_rng(2).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    ctx = Context(calib=CalibrationData({"x": x}, fixed_batch=1))
+    ctx.bind(model)
+    return model, ctx
+
+
+def test_recon_fetches_one_consumer_input_at_a_time(monkeypatch, caplog):
+    # Each group's consumer inputs are fetched when the group is scored, one at a time: with
+    # a byte budget that holds just the largest of them (for every sample), recon still
+    # scores with all of the calibration samples, exactly as with a large budget.
+    from edgeopt.passes.analyses.activation_cache import ActivationCache
+
+    def scores() -> dict[int, np.ndarray]:
+        model, ctx = _resnet_with_calibration()
+        return ChannelImportance(model, ctx, criterion="recon", normalize="none").raw
+
+    requests: list[list[str]] = []
+    get = ActivationCache.get
+
+    def spy(self: ActivationCache, names: list[str]) -> dict[str, np.ndarray]:
+        requests.append(list(names))
+        return get(self, names)
+
+    monkeypatch.setattr(ActivationCache, "get", spy)
+    want = scores()
+    assert requests and all(len(r) == 1 for r in requests)
+    model, ctx = _resnet_with_calibration()
+    fetched = get(ActivationCache(model, ctx, 24), sorted({r[0] for r in requests}))
+    sizes = [a.nbytes for a in fetched.values()]
+    assert len(sizes) >= 3 and sum(sizes) > 2 * max(sizes)
+    monkeypatch.setattr(reconstruction, "MAX_BYTES", max(sizes))
+    with caplog.at_level("WARNING"):
+        got = scores()
+    assert not [r for r in caplog.records if "runs to stay within" in r.getMessage()]
+    assert got.keys() == want.keys()
+    for gid in want:
+        np.testing.assert_array_equal(got[gid], want[gid])
