@@ -63,11 +63,10 @@ class Consumer:
     w0: Tensor | None = None          # the unpruned weight, bias and following BN mean/var
     b0: Tensor | None = None
     bn0: tuple[Tensor, Tensor] | None = None
-    weight: np.ndarray | None = None  # refit results (surviving outputs if outs_sliced)
+    weight: np.ndarray | None = None  # refit results, over the surviving outputs
     bias: np.ndarray | None = None
     bn: tuple[np.ndarray, np.ndarray] | None = None  # matched BN mean/var, full channels
     clamp: Clamp | None = None        # the activation after it (and its BN), unpruned
-    outs_sliced: bool = False         # weight/bias/bn hold only the surviving outputs
 
     @property
     def input(self) -> str:
@@ -197,7 +196,6 @@ def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
         bn0 = None if bn0 is None else [a[out_kept] for a in bn0]
         clamp = None if clamp is None else Clamp(clamp.scale[out_kept], clamp.shift[out_kept],
                                                  clamp.lo, clamp.hi)
-        c.outs_sliced = True
     if mode == "lsq":
         c.weight, c.bias, report = least_squares_refit(
             w, b, x, keep, c.spec, x_inputs=x_pruned, clamp=clamp, rounds=SATURATION_ROUNDS)
@@ -347,7 +345,7 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
                                           _out_kept(c, keep)))
                     _log_report(reports[-1])
             del xs, xp
-        recover_install(model, level, keep)
+        recover_install(model, level)
     return reports
 
 
@@ -356,21 +354,14 @@ def _log_report(report: dict) -> None:
              report["method"], report["drop"], report["after"])
 
 
-def recover_install(model: Model, consumers: list[Consumer], keep: Keep) -> int:
+def recover_install(model: Model, consumers: list[Consumer]) -> int:
     """Write the refit weights, biases and BN statistics into the pruned model."""
     names = NameGen(model)
     done = 0
     for c in consumers:
         if c.weight is None or c.bias is None:
             continue
-        w, b = c.weight, c.bias.ravel()
-        out_axis = 0 if c.rec.axis == 1 else 1
-        for rec in () if c.outs_sliced else c.outs:
-            if rec.axis == out_axis:
-                mask = np.flatnonzero(keep(rec.atoms))
-                w, b = np.take(w, mask, axis=out_axis), b[mask]
-                if c.bn is not None:
-                    c.bn = (c.bn[0][mask], c.bn[1][mask])
+        w, b = c.weight, c.bias.ravel()  # already over the surviving outputs (_refit)
         replace_constant_input(c.node, 1, ArrayTensor(np.ascontiguousarray(w)), names)
         _set_bias(model, c.node, b, names)
         bn = _following_bn(c.node)

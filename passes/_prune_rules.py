@@ -476,7 +476,7 @@ def _reshape(node: Node, env: RuleEnv) -> Effects:
     atoms = np.repeat(labels.atoms, merged)
     effects = Effects(outputs={0: Labels(a, len(target), atoms)}, handled={0})
     if target[a] > 0:
-        effects.fixups.append(Fixup(node, _fix_reshape, {"axis": a, "atoms": atoms}))
+        effects.fixups.append(Fixup(node, _fix_shape_entry, {"input": 1, "j": a, "atoms": atoms}))
     return effects
 
 
@@ -505,11 +505,15 @@ def _merged_block(tail_in: tuple, channels_out: int) -> int | None:
     return None
 
 
-def _fix_reshape(fix: Fixup, keep: Keep, names: NameGen) -> None:
-    node = fix.node
-    target = node.inputs[1].const_value.numpy().copy()  # type: ignore[union-attr]
-    target.reshape(-1)[fix.data["axis"]] = int(keep(fix.data["atoms"]).sum())
-    replace_constant_input(node, 1, as_tensor(target), names)
+def _fix_shape_entry(fix: Fixup, keep: Keep, names: NameGen) -> None:
+    """Set entry ``j`` of constant input ``input`` to the number of channels kept.
+
+    The input is a shape vector: Reshape's ``shape``, Resize's ``sizes``.
+    """
+    node, i = fix.node, fix.data["input"]
+    shape = node.inputs[i].const_value.numpy().copy()  # type: ignore[union-attr]
+    shape.reshape(-1)[fix.data["j"]] = int(keep(fix.data["atoms"]).sum())
+    replace_constant_input(node, i, as_tensor(shape), names)
 
 
 @channel_rule("Split")
@@ -661,17 +665,11 @@ def _resize(node: Node, env: RuleEnv) -> Effects:
         return effects
     j = axes.index(labels.axis)
     if sizes:
-        effects.fixups.append(Fixup(node, _fix_resize, {"j": j, "atoms": labels.atoms}))
+        effects.fixups.append(Fixup(node, _fix_shape_entry,
+                                    {"input": 3, "j": j, "atoms": labels.atoms}))
     elif not scales or float(scales[j]) != 1.0:
         raise Unsupported(f"{node.op_type} scales the channel axis")
     return effects
-
-
-def _fix_resize(fix: Fixup, keep: Keep, names: NameGen) -> None:
-    node = fix.node
-    sizes = node.inputs[3].const_value.numpy().copy()  # type: ignore[union-attr]
-    sizes.reshape(-1)[fix.data["j"]] = int(keep(fix.data["atoms"]).sum())
-    replace_constant_input(node, 3, as_tensor(sizes), names)
 
 
 @channel_rule("Gather")

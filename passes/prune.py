@@ -90,7 +90,7 @@ class PruneOptions:
             ``bias`` folds the removed channels' mean contribution into their bias, ``off``
             does nothing; ``auto`` is ``lsq`` when calibration data is given, else ``off``.
         recover_samples: calibration samples used by recovery (at most).
-        steps: with ``recover=lsq``, reach the final channel counts in this many rounds of
+        steps: (``recover=lsq`` only) reach the final channel counts in this many rounds of
             rank, remove and refit (kept counts shrink geometrically); each round ranks
             channels on the model the previous one refit.
     """
@@ -410,6 +410,9 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     mode = opts.recover if opts.recover != "auto" else "lsq" if ctx.calib is not None else "off"
     if mode != "off" and ctx.calib is None:
         raise OptionError(f"recover={mode} needs calibration data (--calib)")
+    if opts.steps > 1 and mode != "lsq":
+        raise OptionError(f"steps={opts.steps} refits between rounds: it needs recover=lsq "
+                          f"(and --calib), not recover={mode}")
     params_before, macs_before = model_stats(model).params, _total_macs(model)
     removed: dict[int, np.ndarray] = {}
     if candidates and (opts.ratio > 0 or opts.thresh is not None or opts.overrides):
@@ -433,7 +436,7 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
         log.info("prune: group %d (%s): %d -> %d channels", gid,
                  ", ".join(cg.groups[gid].producers[:3]), cg.groups[gid].size,
                  cg.groups[gid].size - len(channels))
-    steps = opts.steps if mode == "lsq" else 1
+    steps = opts.steps
     final = {_key(cg.groups[gid]): (cg.groups[gid].size, cg.groups[gid].size - len(ch))
              for gid, ch in removed.items()}
     reports: list[dict] = []
@@ -512,7 +515,7 @@ def _remove(model: Model, ctx: Context, cg: ChannelGroups, removed: dict[int, np
     original = model.clone() if mode == "lsq" and act is not None else None
     apply(model, cg, keep)
     if reports:
-        recover_install(model, consumers, keep)
+        recover_install(model, consumers)
     elif original is not None:
         reports = recover_sequential(model, ctx, original, consumers, keep,
                                      opts.recover_samples)

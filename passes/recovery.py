@@ -14,7 +14,6 @@ Describe the consumer with :class:`LayerSpec`, usually ``LayerSpec.from_onnx(op_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import scipy.linalg
+from threadpoolctl import threadpool_limits
 
 __all__ = ["Clamp", "LayerSpec", "bias_compensation", "im2col", "layer_output",
            "least_squares_refit", "match_batchnorm", "reconstruction_error",
@@ -451,7 +451,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _one_blas_thread(fn: _F) -> _F:
-    """Run ``fn`` with BLAS/LAPACK limited to one thread (if threadpoolctl is installed).
+    """Run ``fn`` with BLAS/LAPACK limited to one thread.
 
     A refit is a chain of mid-sized BLAS and LAPACK calls (design products, one Cholesky
     factor per ridge). OpenBLAS's threads synchronize at every step of those and spin while
@@ -462,13 +462,7 @@ def _one_blas_thread(fn: _F) -> _F:
     """
     @functools.wraps(fn)
     def limited(*args: Any, **kwargs: Any) -> Any:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # optional: without it BLAS keeps its own thread count
-            limit: Any = contextlib.nullcontext()
-        else:
-            limit = threadpool_limits(1, user_api="blas")
-        with limit:
+        with threadpool_limits(1, user_api="blas"):
             return fn(*args, **kwargs)
 
     return limited  # type: ignore[return-value]

@@ -172,3 +172,11 @@ def test_steps_must_be_positive():
     model = ir.from_proto(BUILDERS["cnn"]())
     with pytest.raises(OptionError, match=r"^pass 'prune': steps must be >= 1$"):
         run(model, "prune:0.5,steps=0")
+
+
+def test_steps_need_the_lsq_refit():
+    model = ir.from_proto(BUILDERS["cnn"]())
+    with pytest.raises(PassError, match=r"^pass 'prune' failed \(first pass\): steps=2 refits "
+                                        r"between rounds: it needs recover=lsq \(and --calib\), "
+                                        r"not recover=off$"):
+        run(model, "prune:0.5,steps=2")
