@@ -79,6 +79,12 @@ def _dim(shape: Shape | None, axis: int) -> Any:
 
 
 # -- channel-preserving ops ---------------------------------------------------------------------
+def _axis(a: Any, rank: int) -> int:
+    """An ONNX axis attribute (negative counts from the end) as a non-negative index."""
+    a = int(a)
+    return a + rank if a < 0 else a
+
+
 @channel_rule("Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu",
               "Celu", "ThresholdedRelu", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Abs",
               "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
@@ -323,8 +329,7 @@ def _matmul(node: Node, env: RuleEnv) -> Effects:
 def _flatten(node: Node, env: RuleEnv) -> Effects:
     """Flatten: channels on axis ``a >= axis`` become blocks of features on axis 1."""
     labels = _only_input(node, env)
-    axis = int(node.attr("axis", 1))
-    axis = axis + labels.rank if axis < 0 else axis
+    axis = _axis(node.attr("axis", 1), labels.rank)
     shape = env.shape(node.inputs[0])
     if shape is None or not 0 < axis <= labels.axis:
         raise Unsupported("Flatten merges the channels with the batch axis")
@@ -357,7 +362,7 @@ def _squeeze(node: Node, env: RuleEnv) -> Effects:
             if shape is None or not all(isinstance(d, int) for d in shape) or len(labels) == 1:
                 raise Unsupported("Squeeze without axes of a tensor with unknown dims")
             axes = [i for i, d in enumerate(shape) if d == 1]
-        axes = [a + labels.rank if a < 0 else a for a in axes]
+        axes = [_axis(a, labels.rank) for a in axes]
         if labels.axis in axes:
             raise Unsupported("Squeeze removes the channel axis")
         new = labels.axis - sum(a < labels.axis for a in axes)
@@ -383,7 +388,7 @@ def _reduce(node: Node, env: RuleEnv) -> Effects:
         if node.attr("noop_with_empty_axes", 0):
             return _same_all(node, labels, Effects())
         raise Unsupported(f"{node.op_type} over every axis mixes the channels")
-    axes = [int(a) + labels.rank if a < 0 else int(a) for a in axes]
+    axes = [_axis(a, labels.rank) for a in axes]
     if labels.axis in axes:
         raise Unsupported(f"{node.op_type} over the channel axis mixes the channels")
     if node.attr("keepdims", 1):
@@ -402,8 +407,7 @@ def _softmax(node: Node, env: RuleEnv) -> Effects:
     """
     labels = _only_input(node, env)
     new_style = default_opset(env.model) >= 13
-    axis = int(node.attr("axis", -1 if new_style else 1))
-    axis = axis + labels.rank if axis < 0 else axis
+    axis = _axis(node.attr("axis", -1 if new_style else 1), labels.rank)
     if axis == labels.axis or (not new_style and axis <= labels.axis):
         raise Unsupported(f"{node.op_type} normalizes across the channels")
     return _same_all(node, labels, Effects())
@@ -414,12 +418,11 @@ def _softmax(node: Node, env: RuleEnv) -> Effects:
 def _mixing_norm(node: Node, env: RuleEnv) -> Effects:
     """Normalizations whose statistics may span channels."""
     labels = _only_input(node, env)
-    axis = int(node.attr("axis", -1))
-    axis = axis + labels.rank if axis < 0 else axis
+    axis = _axis(node.attr("axis", -1), labels.rank)
     if node.op_type == "LayerNormalization" and axis > labels.axis:
         return _same_all(node, labels, Effects())  # scale/bias span the axes after channels
     if node.op_type == "MeanVarianceNormalization":
-        axes = [int(x) + labels.rank if x < 0 else int(x) for x in node.attr("axes", [0, 2, 3])]
+        axes = [_axis(x, labels.rank) for x in node.attr("axes", [0, 2, 3])]
         if labels.axis not in axes:
             return _same_all(node, labels, Effects())
     if node.op_type == "LpNormalization" and axis != labels.axis:
@@ -432,10 +435,9 @@ def _mixing_norm(node: Node, env: RuleEnv) -> Effects:
 def _shape(node: Node, env: RuleEnv) -> Effects:
     """Shape is fine as long as it does not read the channel count."""
     labels = _only_input(node, env)
-    start = int(node.attr("start", 0))
+    start = _axis(node.attr("start", 0), labels.rank)
     end = node.attr("end")
-    start = start + labels.rank if start < 0 else start
-    stop = labels.rank if end is None else (int(end) + labels.rank if end < 0 else int(end))
+    stop = labels.rank if end is None else _axis(end, labels.rank)
     if start <= labels.axis < stop:
         raise Unsupported("Shape reads the channel count")
     return Effects(handled={0})
@@ -520,8 +522,7 @@ def _fix_shape_entry(fix: Fixup, keep: Keep, names: NameGen) -> None:
 def _split(node: Node, env: RuleEnv) -> Effects:
     """Split on the channel axis hands each output its range of atoms (sizes must be static)."""
     labels = _only_input(node, env)
-    axis = int(node.attr("axis", 0))
-    axis = axis + labels.rank if axis < 0 else axis
+    axis = _axis(node.attr("axis", 0), labels.rank)
     if axis != labels.axis:
         return _same_all(node, labels, Effects())
     sizes = _ints(env, node, 1, "split")
@@ -567,7 +568,7 @@ def _slice(node: Node, env: RuleEnv) -> Effects:
     if starts is None or ends is None:
         raise Unsupported("Slice without static starts/ends")
     axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
-    axes = [a + labels.rank if a < 0 else a for a in axes]
+    axes = [_axis(a, labels.rank) for a in axes]
     if labels.axis not in axes:
         return Effects(outputs={0: labels}, handled={0})
     j = axes.index(labels.axis)
@@ -641,7 +642,7 @@ def _pad(node: Node, env: RuleEnv) -> Effects:
     if pads is None:
         raise Unsupported("Pad without static pads")
     axes = list(range(labels.rank)) if axes is None else \
-        [a + labels.rank if a < 0 else a for a in axes]
+        [_axis(a, labels.rank) for a in axes]
     if labels.axis in axes:
         j = axes.index(labels.axis)
         if pads[j] or pads[j + len(axes)]:
@@ -659,7 +660,7 @@ def _resize(node: Node, env: RuleEnv) -> Effects:
     scales = _ints(env, node, scales_at, "scales" if old else None, float)
     axes = node.attr("axes")
     axes = list(range(labels.rank)) if axes is None else \
-        [int(a) + labels.rank if a < 0 else int(a) for a in axes]
+        [_axis(a, labels.rank) for a in axes]
     effects = _same_all(node, labels, Effects())
     if labels.axis not in axes:
         return effects
@@ -676,8 +677,7 @@ def _resize(node: Node, env: RuleEnv) -> Effects:
 def _gather(node: Node, env: RuleEnv) -> Effects:
     """Gather along another axis moves the channel axis; along it, it picks channels."""
     labels = _only_input(node, env)
-    axis = int(node.attr("axis", 0))
-    axis = axis + labels.rank if axis < 0 else axis
+    axis = _axis(node.attr("axis", 0), labels.rank)
     if axis == labels.axis:
         raise Unsupported("Gather on the channel axis")
     q = _rank(env, node.inputs[1])
