@@ -24,6 +24,7 @@ from ._tensor import (
 from ._types import DataType, Dim, Shape, format_shape, shape_is_static
 from ._value import Use, Value
 from .io_onnx import load, save
+from .quant import QuantParams, quant_params
 from .shapes import infer_shapes, static_shapes
 from .verify import verify
 
@@ -41,6 +42,7 @@ __all__ = [
     "ModelLoadError",
     "Node",
     "ProtoTensor",
+    "QuantParams",
     "Shape",
     "SparseTensor",
     "Tensor",
@@ -51,6 +53,7 @@ __all__ = [
     "from_proto",
     "infer_shapes",
     "load",
+    "quant_params",
     "save",
     "shape_is_static",
     "static_shapes",

@@ -22,6 +22,7 @@ from . import fold_affine as _fold_affine  # noqa: F401
 from . import fold_bn as _fold_bn  # noqa: F401
 from . import fold_constants as _fold_constants  # noqa: F401
 from . import prune as _prune  # noqa: F401
+from . import quant as _quant  # noqa: F401
 from . import score as _score  # noqa: F401
 from . import simplify as _simplify  # noqa: F401
 from ._base import Context, OptionError, PassError, PassResult

@@ -27,7 +27,6 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)*$")
 
 #: Passes the design promises that are not built yet: asking for one is a clear error.
 PLANNED = {
-    "quant": "int8/fp16 quantization",
     "sparsify": "unstructured magnitude pruning",
     "csr": "CSR weight packing",
 }

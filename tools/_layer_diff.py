@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeopt.ir import EdgeoptError, Model, Node
-from edgeopt.passes.analyses.costs import MAC_RULES, bind_batch
+from edgeopt.passes.analyses.costs import MAC_RULES, bind_batch, stored_constant
 from edgeopt.passes.prune import RECOVERY_META_KEY as RECOVERY_KEY
 
 from ._console import format_table
@@ -121,15 +121,14 @@ CHANNEL_RULES: dict[str, Callable[[Node, tuple[int, ...]], tuple[int | None, int
 
 def _layer(node: Node) -> Layer | None:
     rule = CHANNEL_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-    w = node.inputs[1] if rule is not None and len(node.inputs) > 1 else None
-    if w is None or w.const_value is None:
+    w = stored_constant(node.inputs[1]) if rule is not None and len(node.inputs) > 1 else None
+    if w is None:
         return None
     try:
-        channels = rule(node, tuple(w.const_value.shape))
+        channels = rule(node, tuple(w.shape))
     except IndexError:  # a weight of too low a rank (invalid for the op): counts unknown
         channels = (None, None)
-    params = sum(v.const_value.size for v in node.inputs
-                 if v is not None and v.const_value is not None)
+    params = sum(t.size for t in map(stored_constant, node.inputs) if t is not None)
     rec = node.meta.get(RECOVERY_KEY)
     return Layer(node.name or node.outputs[0].name, node.op_type, *channels, params,
                  MAC_RULES[node.op_type](node),

@@ -6,9 +6,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgeopt.ir import Model, Node, Value, infer_shapes, static_shapes
+from edgeopt.ir import Model, Node, Tensor, Value, infer_shapes, static_shapes
 
-__all__ = ["MAC_RULES", "LayerCost", "bind_batch", "layer_costs"]
+__all__ = ["MAC_RULES", "LayerCost", "bind_batch", "layer_costs", "stored_constant"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,30 @@ class LayerCost:
     output_shape: tuple
 
 
+def stored_constant(v: Value | None) -> Tensor | None:
+    """The constant behind ``v``: its own data, or what a DequantizeLinear reads.
+
+    A weight of a QDQ model is an integer constant read through a DequantizeLinear; it
+    counts as that layer's parameters.
+    """
+    if v is None:
+        return None
+    if v.const_value is not None:
+        return v.const_value
+    node = v.producer()
+    if node is not None and node.op_type == "DequantizeLinear" and node.inputs \
+            and node.inputs[0] is not None:
+        return node.inputs[0].const_value
+    return None
+
+
+def _weight_shape(v: Value | None) -> tuple[int, ...] | None:
+    t = stored_constant(v)
+    shape = t.shape if t is not None else None if v is None else v.shape
+    return None if shape is None or not all(isinstance(d, int) for d in shape) \
+        else tuple(shape)  # type: ignore[arg-type]
+
+
 def _numel(v: Value | None) -> int | None:
     if v is None or v.shape is None or not all(isinstance(d, int) for d in v.shape):
         return None
@@ -29,19 +53,17 @@ def _numel(v: Value | None) -> int | None:
 
 
 def _conv(node: Node) -> int | None:
-    out, w = _numel(node.outputs[0]), node.inputs[1]
-    if out is None or w is None or w.shape is None or not all(isinstance(d, int) for d in
-                                                             w.shape):
+    out, w = _numel(node.outputs[0]), _weight_shape(node.inputs[1])
+    if out is None or w is None:
         return None
-    return out * math.prod(w.shape[1:])  # each output element: C_in/group * kernel MACs
+    return out * math.prod(w[1:])  # each output element: C_in/group * kernel MACs
 
 
 def _conv_transpose(node: Node) -> int | None:
-    x, w = _numel(node.inputs[0]), node.inputs[1]
-    if x is None or w is None or w.shape is None or not all(isinstance(d, int) for d in
-                                                           w.shape):
+    x, w = _numel(node.inputs[0]), _weight_shape(node.inputs[1])
+    if x is None or w is None:
         return None
-    return x * math.prod(w.shape[1:])  # each input element scatters C_out/group * kernel
+    return x * math.prod(w[1:])  # each input element scatters C_out/group * kernel
 
 
 def _matmul(node: Node) -> int | None:
@@ -89,8 +111,7 @@ def layer_costs(model: Model) -> list[LayerCost]:
         rule = MAC_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
             continue
-        params = sum(v.const_value.size for v in node.inputs
-                     if v is not None and v.const_value is not None)
+        params = sum(t.size for t in map(stored_constant, node.inputs) if t is not None)
         out = node.outputs[0].shape or ()
         costs.append(LayerCost(node.name or node.outputs[0].name, node.op_type,
                                rule(node) or 0, params, tuple(out)))

@@ -66,8 +66,8 @@ def test_output_folder_and_json(tmp_path, capsys):
     (["{d}/missing.onnx", "-p", "dce"], "missing.onnx: no such file"),
     (["{d}/m.onnx", "-p", "dce,bogus=1"], "pass 'dce' takes no options (got bogus)"),
     (["{d}/m.onnx", "-p", "nosuch"], "unknown pass 'nosuch'; available passes:"),
-    (["{d}/m.onnx", "-p", "quant:int8"], "pass 'quant' (int8/fp16 quantization) is not "
-                                         "available yet"),
+    (["{d}/m.onnx", "-p", "quant:int8"], "quant:int8 (static) needs calibration data: give "
+                                         "--calib FILE, or use quant:int8,mode=dynamic"),
     (["{d}/m.onnx", "-p", "dce", "-o", "{d}/m.onnx"], "output would overwrite the input"),
     (["{d}/junk.onnx", "-p", "dce"], "junk.onnx: not a"),
     (["{d}/bad_op.onnx", "-p", "dce"],

@@ -1,0 +1,264 @@
+"""Accuracy tools of static quantization: bias correction, per-layer sensitivity, targets.
+
+* **Bias correction** (empirical, per output channel): quantizing weights and inputs shifts
+  the mean of a layer's output; the shift, measured on the calibration data as the float
+  model's per-channel mean output minus the quantized model's, is added to the int32 bias
+  (Nagel et al., "Data-Free Quantization", section 4.2, with measured instead of analytic
+  means).
+* **Sensitivity**: the model's output error with one layer quantized and everything else
+  float, on the calibration data.
+* **Target**: the most sensitive layers stay float until the quantized model's output meets
+  a metric (``cos:0.999``, ``relerr:0.05`` or ``maxerr:0.1``), by bisection over how many.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeopt import ir
+from edgeopt.ir import DataType, Model, Node
+from edgeopt.ir.quant import dequantize, type_range
+
+from ._base import Context, OptionError
+from ._quant_plan import QuantPlan, node_label
+from ._util import NameGen, as_tensor, replace_constant_input
+from .analyses.activation_cache import ActivationCache
+from .analyses.activations import run_session
+
+__all__ = ["Metric", "bias_targets", "correct_biases", "parse_target"]
+
+log = logging.getLogger(__name__)
+
+#: Layers whose bias is corrected and whose sensitivity is measured.
+LAYERS = ("Conv", "Gemm", "MatMul")
+
+
+def bias_targets(plan: QuantPlan) -> list[Node]:
+    """Quantized layers with a channel axis 1 on their output (Conv, Gemm, 2-D MatMul)."""
+    out = []
+    for node in plan.nodes:
+        if node.op_type not in LAYERS:
+            continue
+        shape = node.outputs[0].shape
+        if node.op_type == "MatMul" and (shape is None or len(shape) != 2):
+            continue
+        out.append(node)
+    return out
+
+
+def correct_biases(model: Model, ctx: Context, float_model: Model, layers: list[Node],
+                   samples: int = 32) -> int:
+    """Add each layer's per-channel output shift (float minus quantized) to its int32 bias.
+
+    Layers are corrected level by level, in graph order: a layer's shift is measured with
+    the layers upstream of it already corrected, so no shift is corrected twice. Both
+    models run on the same first ``samples`` calibration samples, through incremental
+    caches (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`): about one
+    pass over each model. Layers without a quantized bias are left alone.
+
+    Returns:
+        The number of corrected layers.
+    """
+    todo = [n for n in layers if _bias_dq(n) is not None]
+    if not todo:
+        return 0
+    samples = min(samples, ctx.calib.num_samples)  # type: ignore[union-attr]
+    ref = ActivationCache(float_model, ctx, samples, max_bytes=CACHE_BYTES)
+    now = ActivationCache(model, ctx, samples, max_bytes=CACHE_BYTES)
+    names = NameGen(model)
+    done = 0
+    for level in _levels(model, todo):
+        outs = [n.outputs[0].name for n in level]
+        # The level's inputs are cached too: after this level's biases change, the next
+        # request starts from them instead of from the graph inputs.
+        ins = [v.name for n in level for v in n.inputs[:1] if v is not None and v.name
+               and v.const_value is None]
+        want = {k: _channel_means(v) for k, v in ref.get(outs).items()}
+        got = now.get([*ins, *outs])
+        have = {k: _channel_means(got[k]) for k in outs}
+        for node in level:
+            name = node.outputs[0].name
+            done += _shift_bias(node, want[name] - have[name], names)
+    return done
+
+
+#: Bytes each activation cache of bias correction may hold and return.
+CACHE_BYTES = 256 << 20
+
+
+def _channel_means(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float64).mean(axis=(0, *range(2, x.ndim)))
+
+
+def _levels(model: Model, layers: list[Node]) -> list[list[Node]]:
+    """``layers`` grouped by how many of them lie upstream (a level's shifts are independent)."""
+    index = {id(n) for n in layers}
+    depth: dict[str, int] = {}
+    levels: dict[int, list[Node]] = {}
+    for node in model.graph:
+        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
+        if id(node) in index:
+            levels.setdefault(d, []).append(node)
+            d += 1
+        for out in node.outputs:
+            depth[out.name] = d
+    return [levels[k] for k in sorted(levels)]
+
+
+def _shift_bias(node: Node, shift: np.ndarray, names: NameGen) -> int:
+    dq = _bias_dq(node)
+    assert dq is not None
+    qp = ir.quant_params(dq.outputs[0])
+    ints = np.asarray(dq.inputs[0].const_value.numpy())  # type: ignore[union-attr]
+    if qp is None or ints.shape != shift.shape:
+        return 0
+    bias = dequantize(ints, qp).astype(np.float64) + shift
+    lo, hi = type_range(DataType.INT32)
+    scale = np.broadcast_to(qp.scale, bias.shape).astype(np.float64)
+    new = np.clip(np.rint(bias / scale), lo, hi).astype(np.int32)
+    replace_constant_input(dq, 0, as_tensor(new), names)
+    return 1
+
+
+def _bias_dq(node: Node) -> Node | None:
+    """The DequantizeLinear of ``node``'s int32 bias, if it has one."""
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    dq = None if b is None else b.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None \
+            or dq.inputs[0].const_value is None or dq.inputs[0].dtype != DataType.INT32 \
+            or len(b.uses()) != 1:  # type: ignore[union-attr]
+        return None
+    return dq
+
+
+# -- output metrics ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """A target on the quantized model's outputs versus the float model's.
+
+    Attributes:
+        kind: ``cos`` (mean per-sample cosine similarity, at least ``value``), ``relerr``
+            (relative L2 error, at most) or ``maxerr`` (largest absolute error, at most).
+        value: the bound.
+    """
+
+    kind: str
+    value: float
+
+    def measure(self, want: list[np.ndarray], got: list[np.ndarray]) -> float:
+        """The metric of ``got`` against ``want`` (lists of outputs, samples on axis 0)."""
+        return measure(self.kind, want, got)
+
+    def met(self, score: float) -> bool:
+        """Whether ``score`` satisfies the target."""
+        return score >= self.value if self.kind == "cos" else score <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value:g}"
+
+
+def measure(kind: str, want: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """``cos``, ``relerr`` or ``maxerr`` of ``got`` against ``want`` (see :class:`Metric`)."""
+    w = np.concatenate([np.asarray(a, np.float64).reshape(len(a), -1) for a in want], axis=1)
+    g = np.concatenate([np.asarray(a, np.float64).reshape(len(a), -1) for a in got], axis=1)
+    if kind == "maxerr":
+        return float(np.abs(g - w).max(initial=0.0))
+    if kind == "relerr":
+        return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+    num = (w * g).sum(axis=1)
+    den = np.linalg.norm(w, axis=1) * np.linalg.norm(g, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-30), (np.abs(g - w).max(axis=1) == 0) * 1.0)
+    return float(cos.mean())
+
+
+_TARGET = re.compile(r"^(cos|relerr|maxerr):([0-9.eE+-]+)$")
+
+
+def parse_target(text: str) -> Metric:
+    """``cos:0.999``, ``relerr:0.05`` or ``maxerr:0.1`` as a :class:`Metric`.
+
+    Raises:
+        OptionError: anything else.
+    """
+    m = _TARGET.match(text.strip())
+    value = None
+    if m:
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            value = None
+    if m is None or value is None or not np.isfinite(value) or value < 0 \
+            or (m.group(1) == "cos" and value > 1):
+        raise OptionError(f"quant: target {text!r} must be cos:X (0..1), relerr:X or maxerr:X, "
+                          "e.g. target=cos:0.999")
+    return Metric(m.group(1), value)
+
+
+class OutputRunner:
+    """Runs models on the first calibration samples and returns their outputs."""
+
+    def __init__(self, ctx: Context, model: Model, samples: int) -> None:
+        self.calib = ctx.calib.subset(min(samples, ctx.calib.num_samples))  # type: ignore[union-attr]
+        self.names = [v.name for v in model.graph.outputs]
+
+    def outputs(self, model: Model) -> list[np.ndarray]:
+        """Every graph output of ``model``, over the samples (joined on axis 0)."""
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), so,
+                                       providers=["CPUExecutionProvider"])
+        runs: list[list[np.ndarray]] = []
+        batch = self.calib.fixed_batch or 16
+        for feeds in self.calib.batches(batch):
+            runs.append(run_session(session, self.names, feeds, "quant", self.calib.source))
+        return [np.concatenate([r[i] for r in runs], axis=0) for i in range(len(self.names))]
+
+
+Variant = Callable[[set[str]], Model]
+
+
+def sensitivities(layers: list[str], variant: Variant, runner: OutputRunner,
+                  reference: list[np.ndarray], progress: Callable[[str, int, int], None]
+                  ) -> dict[str, float]:
+    """Relative output error of the model with only each layer quantized."""
+    out = {}
+    for i, name in enumerate(layers):
+        out[name] = measure("relerr", reference, runner.outputs(variant({name})))
+        progress("sensitivity", i + 1, len(layers))
+    return out
+
+
+def meet_target(order: list[str], metric: Metric, variant: Variant, runner: OutputRunner,
+                reference: list[np.ndarray], all_layers: set[str]) -> tuple[int, float]:
+    """How many of the most sensitive layers (``order``) must stay float: ``(k, score)``.
+
+    Bisection over k, assuming keeping more layers float never makes the output worse;
+    ``k == len(order)`` when even that misses the target.
+    """
+    def score(k: int) -> float:
+        return metric.measure(reference, runner.outputs(variant(all_layers - set(order[:k]))))
+
+    s0 = score(0)
+    if metric.met(s0):
+        return 0, s0
+    lo, hi, best = 0, len(order), None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        s = score(mid)
+        if metric.met(s):
+            hi, best = mid, s
+        else:
+            lo = mid
+    return hi, best if best is not None else score(hi)
+
+
+def node_labels(nodes: list[Node]) -> list[str]:
+    """Labels of ``nodes`` in order."""
+    return [node_label(n) for n in nodes]

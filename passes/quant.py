@@ -1,0 +1,274 @@
+"""``quant``: int8 quantization (static, dynamic, weight-only) and float16 conversion.
+
+``quant:int8`` with calibration data is static post-training quantization: weights symmetric
+int8 per output channel, activations int8 (or uint8) per tensor with ranges from the
+calibration data, int32 biases, written as QDQ (QuantizeLinear/DequantizeLinear around float
+operators, which ONNX Runtime fuses into its integer kernels and the C backend lowers) or, with
+``format=qop``, as QLinear operators. What is quantized is planned by
+:mod:`._quant_plan`, rewritten by :mod:`._quant_qdq`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from edgeopt import ir
+from edgeopt.ir import DataType, Model, QuantParams
+from edgeopt.ir.quant import params_from_range, type_range
+
+from ._base import Context, OptionError, PassError, PassResult
+from ._quant_plan import QuantPlan, node_label, plan_static
+from ._quant_qdq import apply_qdq
+from ._quant_tune import (
+    LAYERS,
+    OutputRunner,
+    bias_targets,
+    correct_biases,
+    meet_target,
+    parse_target,
+    sensitivities,
+)
+from ._registry import register_pass
+from ._util import default_opset
+from .analyses.activations import Activations, ValueStats
+from .fold_bn import FoldBnOptions, fold_bn
+
+__all__ = ["QuantOptions", "quant"]
+
+log = logging.getLogger(__name__)
+
+#: The opset QDQ with per-channel parameters needs (QuantizeLinear/DequantizeLinear ``axis``).
+MIN_OPSET = 13
+
+#: ``Node.meta`` key of per-layer results (sensitivity, why a layer stayed float).
+META_KEY = "edgeopt.quant"
+
+#: What ``calibrator=auto`` picks.
+DEFAULT_CALIBRATOR = "mse"
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Options of ``quant``.
+
+    Attributes:
+        dtype: ``int8`` (integer quantization) or ``fp16`` (float16 weights, float32 I/O).
+        mode: ``static`` (activation ranges from calibration data), ``dynamic`` (activations
+            quantized at run time), ``weights`` (weight-only int8, for size); ``auto`` is
+            ``static`` (which needs ``--calib``).
+        calibrator: how an activation's range is chosen from its calibration histogram:
+            ``minmax``, ``percentile``, ``entropy``, ``mse`` or a registered one; ``auto``
+            is the robust default (``mse``).
+        percentile: the percentile of ``calibrator=percentile``.
+        activations: integer type of activations, ``int8`` or ``uint8``.
+        per_channel: weights per output channel (else per tensor).
+        format: ``qdq`` (QuantizeLinear/DequantizeLinear pairs) or ``qop`` (QLinear
+            operators, integer tensors between them).
+        exclude: ``|``-separated fnmatch patterns of node names left in float.
+        bias_correction: add each layer's measured per-channel output shift (float minus
+            quantized, on the calibration data) to its int32 bias.
+        sensitivity: measure each layer's sensitivity (model output error with only that
+            layer quantized) and report it.
+        target: keep the most sensitive layers float until the outputs meet this, versus the
+            float model on the calibration data: ``cos:X`` (mean cosine similarity >= X),
+            ``relerr:X`` (relative L2 error <= X) or ``maxerr:X`` (max abs error <= X).
+        eval_samples: calibration samples used by ``sensitivity`` and ``target``.
+    """
+
+    dtype: Literal["int8", "fp16"] = "int8"
+    mode: Literal["auto", "static", "dynamic", "weights"] = "auto"
+    calibrator: str = "auto"
+    percentile: float = 99.999
+    activations: Literal["int8", "uint8"] = "uint8"
+    per_channel: bool = True
+    format: Literal["qdq", "qop"] = "qdq"
+    exclude: tuple[str, ...] = ()
+    bias_correction: bool = True
+    sensitivity: bool = False
+    target: str | None = None
+    eval_samples: int = 32
+
+    def validate(self) -> None:
+        """Raise ValueError for out-of-range values."""
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.eval_samples < 1:
+            raise ValueError("eval_samples must be >= 1")
+        if self.target is not None:
+            parse_target(self.target)
+
+
+def _ensure_opset(model: Model) -> int:
+    """Raise the default-domain opset to :data:`MIN_OPSET` (ONNX's version converter)."""
+    old = default_opset(model)
+    if old >= MIN_OPSET:
+        return old
+    from onnx import version_converter
+
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), MIN_OPSET)
+    except Exception as e:  # the converter raises bare RuntimeErrors
+        raise PassError(f"quant: the model's opset {old} is below {MIN_OPSET}, which "
+                        f"per-channel quantization needs, and converting it failed: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    new = ir.from_proto(proto)
+    model.graph, model.opset_imports = new.graph, new.opset_imports
+    model.ir_version = max(model.ir_version, new.ir_version, 7)  # opset 13 came with IR 7
+    log.info("quant: opset %d -> %d", old, MIN_OPSET)
+    return old
+
+
+def _range(stats: ValueStats, method: str, opts: QuantOptions, dtype: DataType
+           ) -> tuple[float, float]:
+    from .analyses.calibrators import calibrate
+
+    qmin, qmax = type_range(dtype)
+    params = {"percentile": opts.percentile} if method == "percentile" else {}
+    return calibrate(stats, method, qmin=qmin, qmax=qmax, **params)
+
+
+def _params(plan: QuantPlan, act: Activations, opts: QuantOptions
+            ) -> dict[str, QuantParams]:
+    """Quantization parameters of every planned tensor (one per sharing class)."""
+    dtype = DataType.UINT8 if opts.activations == "uint8" else DataType.INT8
+    method = DEFAULT_CALIBRATOR if opts.calibrator == "auto" else opts.calibrator
+    out: dict[str, QuantParams] = {}
+    for members in plan.classes().values():
+        lo, hi = np.inf, -np.inf
+        for name in members:
+            if name in plan.fixed:
+                a, b = plan.fixed[name]
+            else:
+                a, b = _range(act.stats[name], method, opts, dtype)
+                if name in plan.clamp:
+                    a, b = max(a, plan.clamp[name][0]), min(b, plan.clamp[name][1])
+            lo, hi = min(lo, a), max(hi, b)
+        qp = params_from_range(lo, hi, dtype)
+        out.update((name, qp) for name in members)
+    return out
+
+
+def _static(model: Model, ctx: Context, opts: QuantOptions) -> dict[str, int | float]:
+    if ctx.calib is None:
+        raise OptionError("quant:int8 (static) needs calibration data: give --calib FILE, or "
+                          "use quant:int8,mode=dynamic or quant:int8,mode=weights")
+    old = _ensure_opset(model)
+    folded = fold_bn(model, ctx, FoldBnOptions()).stats.get("bn_folded", 0)
+    if old < MIN_OPSET or folded:
+        ctx.invalidate()
+    typed = ir.infer_shapes(model)  # the plan needs every activation's dtype
+    plan = plan_static(model, opts.exclude)
+    if not plan.tensors:
+        return {"tensors_quantized": 0, "values_typed": typed, "bn_folded": folded}
+    act = ctx.analysis(Activations, values=tuple(plan.tensors))
+    params = _params(plan, act, opts)
+    stats: dict[str, int | float] = {}
+    float_model = model.clone() if opts.bias_correction else None
+    if opts.sensitivity or opts.target:
+        plan, tuned = _tune(model, ctx, opts, plan, params)
+        stats.update(tuned)
+    stats.update(apply_qdq(model, plan, params, opts.per_channel))
+    if float_model is not None:
+        stats["biases_corrected"] = correct_biases(model, ctx, float_model, bias_targets(plan))
+    stats.update(bn_folded=folded, nodes_quantized=len(plan.nodes), nodes_float=len(plan.skipped),
+                 initializers_removed=_drop_unused_initializers(model))
+    if opts.format == "qop":
+        from ._quant_qop import lower_to_qoperator
+
+        stats.update(lower_to_qoperator(model))
+    return stats
+
+
+def _tune(model: Model, ctx: Context, opts: QuantOptions, plan: QuantPlan,
+          params: dict[str, QuantParams]) -> tuple[QuantPlan, dict[str, int | float]]:
+    """Sensitivity per layer, and the layers kept float to meet ``opts.target``."""
+    float_model = model.clone()
+    runner = OutputRunner(ctx, float_model, opts.eval_samples)
+    reference = runner.outputs(float_model)
+
+    def variant(quantized: set[str]) -> Model:
+        clone = float_model.clone()
+        sub = plan_static(clone, opts.exclude,
+                          lambda n: "" if node_label(n) in quantized else "not selected")
+        apply_qdq(clone, sub, params, opts.per_channel)
+        return clone
+
+    names = [node_label(n) for n in plan.nodes if n.op_type in LAYERS]
+    sens = sensitivities(names, variant, runner, reference, ctx.progress)
+    by_label = {node_label(n): n for n in plan.nodes}
+    for name, err in sens.items():
+        by_label[name].meta[META_KEY] = {"sensitivity": err}
+        log.info("quant: sensitivity of %s: relative output error %.4g", name, err)
+    stats: dict[str, int | float] = {"layers_measured": len(sens)}
+    if opts.target is None:
+        return plan, stats
+    metric = parse_target(opts.target)
+    order = sorted(sens, key=lambda k: -sens[k])
+    k, score = meet_target(order, metric, variant, runner, reference, set(names))
+    kept = set(order[:k])
+    for name in order[:k]:
+        by_label[name].meta.setdefault(META_KEY, {})["float"] = f"target {metric}"
+        log.info("quant: %s stays float (target %s; sensitivity %.4g)", name, metric,
+                 sens[name])
+    if k == len(order) and not metric.met(score):
+        log.warning("quant: target %s not met even with every measured layer float (%s = "
+                    "%.6g); the remaining error comes from other operators", metric,
+                    metric.kind, score)
+    new = plan_static(model, opts.exclude,
+                      lambda n: f"target {metric}" if node_label(n) in kept else "")
+    stats.update(layers_float=k, target_score=score)
+    return new, stats
+
+
+def _drop_unused_initializers(model: Model) -> int:
+    """Remove the main graph's initializers nothing reads any more (the float weights)."""
+    graph = model.graph
+    unused = [name for name, v in graph.initializers.items()
+              if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]
+    for name in unused:
+        del graph.initializers[name]
+    return len(unused)
+
+
+def _skip(opts: QuantOptions):  # type: ignore[no-untyped-def]
+    import fnmatch
+
+    from ._quant_plan import node_label
+
+    return lambda node: any(fnmatch.fnmatchcase(node_label(node), p) for p in opts.exclude)
+
+
+@register_pass("quant", options=QuantOptions, primary="dtype")
+def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
+    """Quantize the main graph to int8 (or convert it to float16); see :class:`QuantOptions`.
+
+    Static mode (the default) plans which operators run in int8 (:mod:`._quant_plan`),
+    measures the planned activations on the calibration data, picks each range with the
+    calibrator, and writes QuantizeLinear/DequantizeLinear pairs (:mod:`._quant_qdq`). A model
+    whose opset is below 13 is converted to opset 13 first. Subgraph bodies stay float.
+
+    Stats: ``tensors_quantized``, ``weights_quantized``, ``biases_quantized``,
+    ``activations_fused``, ``nodes_quantized``, ``nodes_float``, ``weight_bytes_before`` and
+    ``weight_bytes_after``.
+    """
+    if opts.dtype == "fp16":
+        from ._quant_modes import convert_fp16
+
+        stats = convert_fp16(model, skip=_skip(opts))
+    elif opts.mode == "dynamic":
+        from ._quant_modes import quantize_dynamic
+
+        stats = quantize_dynamic(model, per_channel=opts.per_channel, skip=_skip(opts))
+    elif opts.mode == "weights":
+        from ._quant_modes import quantize_weights
+
+        stats = quantize_weights(model, per_channel=opts.per_channel, skip=_skip(opts))
+    else:
+        stats = _static(model, ctx, opts)
+    modified = any(v for k, v in stats.items()
+                   if k.endswith("quantized") or k in ("converted", "values_typed"))
+    return PassResult(modified=bool(modified) or opts.dtype == "fp16", stats=stats)

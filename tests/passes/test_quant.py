@@ -1,0 +1,316 @@
+"""quant:int8 (static): QDQ numerics against a numpy reference, integer kernels in ONNX
+Runtime, weights, fused activations, shared scales, real models, errors."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import build_model, run_ort
+from models import cnn, concat_net, mlp, mobilenetv2, resnet, se_net
+
+from edgeopt import ir
+from edgeopt.ir.quant import dequantize, quantize
+from edgeopt.passes import Context, PassError, PassManager
+from edgeopt.passes.calib import CalibrationData
+
+RNG = np.random.default_rng(0)
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def calib_for(model: ir.Model, n: int = 32, seed: int = 1, positive: bool = False
+              ) -> CalibrationData:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for v in model.graph.inputs:
+        if v.is_initializer():
+            continue
+        batch = v.shape[0] if v.shape and isinstance(v.shape[0], int) else 1
+        shape = [n * batch, *[d if isinstance(d, int) else 1 for d in v.shape[1:]]]
+        x = rng.standard_normal(shape).astype(np.float32)
+        arrays[v.name] = np.abs(x) if positive else x
+    return CalibrationData.for_model(arrays, model)
+
+
+def quantize_model(model: ir.Model, spec: str = "quant:int8", calib=None):
+    ctx = Context(calib=calib if calib is not None else calib_for(model))
+    return PassManager(spec, verify="each").run(model, ctx).steps[-1]
+
+
+def optimized_ops(model: ir.Model, tmp_path) -> collections.Counter:
+    """Operator counts of the graph ONNX Runtime actually runs (after its QDQ fusions)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(ir.to_proto(model).SerializeToString(), so,
+                         providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+# -- one operator at a time, against a numpy reference ----------------------------------------
+def _pattern(body: str, inputs: str, weights: dict[str, np.ndarray]) -> tuple[str, dict]:
+    """A model ``inputs -> body -> t -> Identity -> y``: ``t`` is quantized, ``y`` float."""
+    text = HEADER + f"g ({inputs}) => (float y) {{\n{body}\n  y = Identity(t)\n}}"
+    return text, weights
+
+
+def _w(*shape: int, scale: float = 0.3) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+PATTERNS = {
+    "conv_relu": _pattern("c = Conv <pads = [1, 1, 1, 1]> (x, w, b)\n  t = Relu(c)",
+                          "float[1,4,8,8] x, float[8,4,3,3] w, float[8] b",
+                          {"w": _w(8, 4, 3, 3), "b": _w(8)}),
+    "conv_relu6": _pattern("c = Conv <pads = [1, 1, 1, 1]> (x, w, b)\n  t = Clip(c, lo, hi)",
+                           "float[1,4,8,8] x, float[8,4,3,3] w, float[8] b, float lo, float hi",
+                           {"w": _w(8, 4, 3, 3), "b": _w(8), "lo": np.float32(0),
+                            "hi": np.float32(6)}),
+    "depthwise": _pattern("t = Conv <group = 4, pads = [1, 1, 1, 1]> (x, w, b)",
+                          "float[1,4,8,8] x, float[4,1,3,3] w, float[4] b",
+                          {"w": _w(4, 1, 3, 3), "b": _w(4)}),
+    "gemm": _pattern("t = Gemm <transB = 1> (x, w, b)", "float[2,16] x, float[8,16] w, float[8] b",
+                     {"w": _w(8, 16), "b": _w(8)}),
+    "matmul": _pattern("t = MatMul(x, w)", "float[2,16] x, float[16,8] w", {"w": _w(16, 8)}),
+    "matmul_acts": _pattern("t = MatMul(x, z)", "float[2,3,4] x, float[2,4,5] z", {}),
+    "add": _pattern("t = Add(x, z)", "float[1,4,4,4] x, float[1,4,4,4] z", {}),
+    "mul": _pattern("t = Mul(x, z)", "float[1,4,4,4] x, float[1,4,4,4] z", {}),
+    "concat": _pattern("t = Concat <axis = 1> (x, z)", "float[1,4,4,4] x, float[1,2,4,4] z", {}),
+    "gap": _pattern("t = GlobalAveragePool(x)", "float[1,4,4,4] x", {}),
+    "avgpool": _pattern("t = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (x)",
+                        "float[1,4,4,4] x", {}),
+    "maxpool": _pattern("r = Relu(x)\n  t = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)",
+                        "float[1,4,4,4] x", {}),
+    "sigmoid": _pattern("t = Sigmoid(x)", "float[1,4,4,4] x", {}),
+}
+
+#: ONNX Runtime's integer kernels that must replace the float op.
+INT_KERNELS = {"conv_relu": "QLinearConv", "conv_relu6": "QLinearConv", "depthwise": "QLinearConv",
+               "gemm": "QGemm", "matmul": "QLinearMatMul", "matmul_acts": "QLinearMatMul",
+               "add": "QLinearAdd", "mul": "QLinearMul", "concat": "QLinearConcat",
+               "gap": "QLinearGlobalAveragePool", "avgpool": "QLinearAveragePool",
+               "sigmoid": "QLinearSigmoid"}
+
+
+def _dequantized_weights(q: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
+    """The float weights the quantized model computes with, by original initializer name."""
+    out = {}
+    for node in q.graph:
+        if node.op_type != "DequantizeLinear" or node.inputs[0].const_value is None:
+            continue
+        base = node.inputs[0].name.removesuffix("_quantized")
+        if base in names:
+            out[base] = dequantize(node.inputs[0].const_value.numpy(),
+                                   ir.quant_params(node.outputs[0]))
+    return out
+
+
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_pattern_matches_numpy_reference_within_one_lsb(name, act, tmp_path):
+    text, weights = PATTERNS[name]
+    model = build_model(text, weights)
+    feeds = dict(calib_for(model, n=1, seed=7).arrays)
+    q = build_model(text, weights)
+    quantize_model(q, f"quant:int8,activations={act}")
+    t = q.graph.outputs[0].producer().inputs[0]  # Identity reads DQ(t)
+    t_params = ir.quant_params(t.producer().inputs[0].producer().inputs[0])
+    assert t_params is not None and t_params.dtype.name == act.upper()
+    # Reference: the float operator on fake-quantized inputs and dequantized weights (numpy
+    # quantize/dequantize, ONNX Runtime only for the float operator), then quantized.
+    ref_model = build_model(text, {**weights, **_dequantized_weights(q, list(weights))})
+    fq = {}
+    for k, v in feeds.items():
+        qp = ir.quant_params(next(x for x in q.graph.inputs if x.name == k))
+        fq[k] = dequantize(quantize(v, qp), qp)
+    want = quantize(run_ort(ir.to_proto(ref_model), fq)[0], t_params).astype(np.int64)
+    got = quantize(run_ort(ir.to_proto(q), feeds)[0], t_params).astype(np.int64)
+    assert np.abs(got - want).max() <= 1
+    assert (got == want).mean() > 0.9
+    if name in INT_KERNELS and act == "uint8":
+        ops = optimized_ops(q, tmp_path)
+        assert ops[INT_KERNELS[name]] == 1, ops
+
+
+def test_weights_within_half_a_step_and_zeros_stay_zero():
+    text, weights = PATTERNS["conv_relu"]
+    w = weights["w"].copy()
+    w[::2] = 0.0
+    w[1, :, 1, 1] = 0.0
+    q = build_model(text, {**weights, "w": w})
+    quantize_model(q)
+    dq = next(n for n in q.graph if n.op_type == "DequantizeLinear"
+              and n.inputs[0].name.startswith("w_"))
+    qp = ir.quant_params(dq.outputs[0])
+    assert qp.axis == 0 and qp.scale.shape == (8,) and not qp.zero_point.any()
+    ints = dq.inputs[0].const_value.numpy()
+    assert ints.dtype == np.int8 and ints.min() >= -127
+    back = dequantize(ints, qp)
+    assert np.all(np.abs(back - w) <= qp.scale.reshape(-1, 1, 1, 1) / 2 * (1 + 1e-6))
+    assert not ints[w == 0].any()
+
+
+def test_bias_is_int32_with_input_times_weight_scale():
+    text, weights = PATTERNS["gemm"]
+    q = build_model(text, weights)
+    quantize_model(q)
+    gemm = next(n for n in q.graph if n.op_type == "Gemm")
+    x_qp = ir.quant_params(gemm.inputs[0])
+    w_qp = ir.quant_params(gemm.inputs[1])
+    b_qp = ir.quant_params(gemm.inputs[2])
+    assert b_qp.dtype == ir.DataType.INT32 and not b_qp.zero_point.any()
+    np.testing.assert_array_equal(b_qp.scale, (x_qp.scale * w_qp.scale).astype(np.float32))
+
+
+def test_relu_and_relu6_are_fused_into_the_quantization():
+    for name in ("conv_relu", "conv_relu6"):
+        text, weights = PATTERNS[name]
+        q = build_model(text, weights)
+        stats = quantize_model(q).stats
+        ops = [n.op_type for n in q.graph]
+        assert "Relu" not in ops and "Clip" not in ops
+        assert stats["activations_fused"] == 1
+        conv = next(n for n in q.graph if n.op_type == "Conv")
+        qp = ir.quant_params(conv.outputs[0])
+        assert int(qp.zero_point) == qp.qmin  # the bottom of the range is 0
+        if name == "conv_relu6":
+            assert qp.range()[1] <= 6.0 + 1e-6
+
+
+def test_concat_inputs_share_one_scale():
+    text, weights = PATTERNS["concat"]
+    q = build_model(text, weights)
+    quantize_model(q)
+    concat = next(n for n in q.graph if n.op_type == "Concat")
+    params = [ir.quant_params(v) for v in concat.inputs] + [ir.quant_params(concat.outputs[0])]
+    assert len({(float(p.scale), int(p.zero_point)) for p in params}) == 1
+
+
+def test_sigmoid_output_has_the_fixed_zero_to_one_range():
+    text, weights = PATTERNS["sigmoid"]
+    q = build_model(text, weights)
+    quantize_model(q, "quant:int8,activations=int8")
+    sig = next(n for n in q.graph if n.op_type == "Sigmoid")
+    lo, hi = ir.quant_params(sig.outputs[0]).range()
+    assert float(lo) == 0.0 and float(hi) == pytest.approx(1.0)
+
+
+# -- whole networks ----------------------------------------------------------------------------
+NETS = {"cnn": cnn, "resnet": resnet, "mobilenetv2": mobilenetv2, "se": se_net,
+        "concat": concat_net, "mlp": mlp}
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_networks_stay_close_to_float_and_run_integer_kernels(name, tmp_path):
+    proto = NETS[name]()
+    model = ir.from_proto(proto)
+    calib = calib_for(model, n=64)
+    quantize_model(model, calib=calib)
+    x = dict(calib_for(model, n=1, seed=5).arrays)
+    want = run_ort(proto, x)[0]
+    got = run_ort(ir.to_proto(model), x)[0]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 0.08, rel
+    ops = optimized_ops(model, tmp_path)
+    n_conv = sum(1 for n in proto.graph.node if n.op_type == "Conv")
+    assert ops["QLinearConv"] == n_conv
+    assert ops["Conv"] == 0
+
+
+DIGITS = "examples/digits"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    with np.load(f"{DIGITS}/digits_16x16.npz") as d:
+        return d["test_x"].astype(np.float32), d["test_y"]
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "mlp"])
+def test_digits_accuracy_within_half_a_point_of_float(name, digits, tmp_path):
+    from edgeopt.passes.calib import load_calibration
+
+    x, y = digits
+    model = ir.load(f"{DIGITS}/{name}.onnx")
+    base = (run_ort(ir.to_proto(model), {"input": x})[0].argmax(1) == y).mean()
+    step = quantize_model(model, calib=load_calibration(f"{DIGITS}/calib.npz", model))
+    acc = (run_ort(ir.to_proto(model), {"input": x})[0].argmax(1) == y).mean()
+    assert acc >= base - 0.005, (acc, base)
+    assert step.stats["weight_bytes_after"] * 4 == step.stats["weight_bytes_before"]
+
+
+def test_after_prune_the_pipeline_quantizes_the_pruned_model(digits):
+    from edgeopt.passes.calib import load_calibration
+
+    x, y = digits
+    model = ir.load(f"{DIGITS}/resnet.onnx")
+    calib = load_calibration(f"{DIGITS}/calib.npz", model)
+    report = PassManager("prune:0.3,quant:int8").run(model, Context(calib=calib))
+    assert report.steps[1].stats["nodes_quantized"] > 0
+    acc = (run_ort(ir.to_proto(model), {"input": x})[0].argmax(1) == y).mean()
+    assert acc > 0.95
+
+
+def test_exclude_keeps_matching_nodes_float():
+    text, weights = PATTERNS["conv_relu"]
+    q = build_model(text, weights)
+    next(iter(q.graph)).name = "stem_conv"
+    stats = quantize_model(q, "quant:int8,exclude=stem*").stats
+    conv = next(n for n in q.graph if n.op_type == "Conv")
+    assert conv.inputs[1].const_value is not None  # the float weight, no DequantizeLinear
+    assert stats["nodes_float"] == 1
+
+
+def test_squeezenet_opset9_is_upgraded_runs_integer_kernels_and_shrinks(tmp_path):
+    """onnx's light SqueezeNet (opset 9, real architecture) after simplify."""
+    import os
+
+    src = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/"
+                       "light_squeezenet.onnx")
+    model = ir.load(src)
+    PassManager("simplify").run(model)
+    ir.save(model, str(tmp_path / "f32.onnx"))
+    float_proto = ir.to_proto(model)
+    quantize_model(model, calib=calib_for(model, n=8, positive=True))
+    assert model.opset_imports[""] == 13
+    ir.save(model, str(tmp_path / "q.onnx"))
+    assert os.path.getsize(tmp_path / "q.onnx") <= 0.27 * os.path.getsize(tmp_path / "f32.onnx")
+    ops = optimized_ops(model, tmp_path)
+    assert ops["QLinearConv"] == sum(1 for n in float_proto.graph.node if n.op_type == "Conv")
+    x = calib_for(model, n=1, seed=3, positive=True).arrays
+    want, got = run_ort(float_proto, x)[0].ravel(), run_ort(ir.to_proto(model), x)[0].ravel()
+    np.testing.assert_allclose(got, want, atol=1e-4)  # light models' weights are constant
+
+
+def test_subgraph_bodies_stay_float():
+    text = HEADER + """g (float[1,4] x, float[4,4] w, float[4] b, float zero) => (float[1,4] y) {
+      h = Gemm <transB = 1> (x, w, b)
+      s = ReduceSum <keepdims = 0> (x)
+      c = Greater(s, zero)
+      y = If(c) <then_branch = t () => (float[1,4] o) { o = MatMul(h, w) },
+                else_branch = e () => (float[1,4] o) { o = Relu(h) }>
+    }"""
+    weights = {"w": _w(4, 4), "b": _w(4), "zero": np.float32(0)}
+    model = build_model(text, weights)
+    quantize_model(model)
+    body = [n.op_type for sub in model.graph.subgraphs() for n in sub]
+    assert body == ["MatMul", "Relu"]
+    assert ir.quant_params(next(n for n in model.graph if n.op_type == "Gemm").inputs[1])
+    for seed in range(4):
+        x = {"x": np.random.default_rng(seed).standard_normal((1, 4)).astype(np.float32)}
+        want = run_ort(ir.to_proto(build_model(text, weights)), x)[0]
+        got = run_ort(ir.to_proto(model), x)[0]
+        np.testing.assert_allclose(got, want, atol=0.2 * np.abs(want).max())
+
+
+def test_static_without_calibration_data_is_a_clear_error():
+    text, weights = PATTERNS["conv_relu"]
+    model = build_model(text, weights)
+    with pytest.raises(PassError, match=re.escape(
+            "quant:int8 (static) needs calibration data: give --calib FILE, or use "
+            "quant:int8,mode=dynamic or quant:int8,mode=weights")):
+        PassManager("quant:int8").run(model, Context())
