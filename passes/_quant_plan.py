@@ -252,6 +252,10 @@ def plan_static(model: Model, exclude: tuple[str, ...] = (),
         if why:
             if rule is not None:
                 plan.skipped[node_label(node)] = why
+                after = _fusable_after(node, model, ()) if rule.output == "own" else None
+                if after is not None and why != "operator not quantized":
+                    fused_acts.add(id(after))  # a float layer keeps its activation float
+                    plan.skipped[node_label(after)] = why
             continue
         assert rule is not None
         acts = _act_inputs(node, rule, model)

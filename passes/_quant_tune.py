@@ -24,7 +24,7 @@ from edgeopt import ir
 from edgeopt.ir import DataType, Model, Node
 from edgeopt.ir.quant import dequantize, type_range
 
-from ._base import Context, OptionError
+from ._base import Context
 from ._quant_plan import QuantPlan, node_label
 from ._util import NameGen, as_tensor, replace_constant_input
 from .analyses.activation_cache import ActivationCache
@@ -183,7 +183,7 @@ def parse_target(text: str) -> Metric:
     """``cos:0.999``, ``relerr:0.05`` or ``maxerr:0.1`` as a :class:`Metric`.
 
     Raises:
-        OptionError: anything else.
+        ValueError: anything else.
     """
     m = _TARGET.match(text.strip())
     value = None
@@ -194,8 +194,8 @@ def parse_target(text: str) -> Metric:
             value = None
     if m is None or value is None or not np.isfinite(value) or value < 0 \
             or (m.group(1) == "cos" and value > 1):
-        raise OptionError(f"quant: target {text!r} must be cos:X (0..1), relerr:X or maxerr:X, "
-                          "e.g. target=cos:0.999")
+        raise ValueError(f"target {text!r} must be cos:X (0..1), relerr:X or maxerr:X, "
+                         "e.g. target=cos:0.999")
     return Metric(m.group(1), value)
 
 

@@ -35,6 +35,7 @@ from ._quant_tune import (
 from ._registry import register_pass
 from ._util import default_opset
 from .analyses.activations import Activations, ValueStats
+from .analyses.calibrators import calibrate, list_calibrators
 from .fold_bn import FoldBnOptions, fold_bn
 
 __all__ = ["QuantOptions", "quant"]
@@ -100,6 +101,9 @@ class QuantOptions:
             raise ValueError("eval_samples must be >= 1")
         if self.target is not None:
             parse_target(self.target)
+        if self.calibrator != "auto" and self.calibrator not in list_calibrators():
+            raise ValueError(f"unknown calibrator {self.calibrator!r}; available: auto, "
+                             + ", ".join(list_calibrators()))
 
 
 def _ensure_opset(model: Model) -> int:
@@ -124,8 +128,6 @@ def _ensure_opset(model: Model) -> int:
 
 def _range(stats: ValueStats, method: str, opts: QuantOptions, dtype: DataType
            ) -> tuple[float, float]:
-    from .analyses.calibrators import calibrate
-
     qmin, qmax = type_range(dtype)
     params = {"percentile": opts.percentile} if method == "percentile" else {}
     return calibrate(stats, method, qmin=qmin, qmax=qmax, **params)

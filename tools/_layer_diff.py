@@ -19,6 +19,7 @@ from typing import Any
 from edgeopt.ir import EdgeoptError, Model, Node
 from edgeopt.passes.analyses.costs import MAC_RULES, bind_batch, stored_constant
 from edgeopt.passes.prune import RECOVERY_META_KEY as RECOVERY_KEY
+from edgeopt.passes.quant import META_KEY as QUANT_KEY
 
 from ._console import format_table
 
@@ -42,10 +43,15 @@ class Layer:
     macs: int | None  # None: shapes unknown
     #: prune's recovery of this layer: relative output error (dropped, recovered), or None.
     recovery: tuple[float, float] | None = None
+    #: the stored weight's element type (``float32``, ``int8``, ...).
+    weight_type: str = ""
+    #: quant's notes on this layer: ``sensitivity`` (relative output error with only this
+    #: layer quantized) and ``float`` (why it stayed float), or None.
+    quant: dict | None = None
 
     def signature(self) -> tuple:
-        """What the table compares: channels, parameters, MACs."""
-        return self.in_channels, self.out_channels, self.params, self.macs
+        """What the table compares: channels, parameters, MACs, weight type."""
+        return self.in_channels, self.out_channels, self.params, self.macs, self.weight_type
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,10 @@ class LayerChange:
         rec = getattr(self.after, "recovery", None)
         if rec is not None:
             out["recovery_error"] = {"dropped": rec[0], "recovered": rec[1]}
+        out["weight_type"] = {"before": getattr(self.before, "weight_type", None),
+                              "after": getattr(self.after, "weight_type", None)}
+        if getattr(self.after, "quant", None):
+            out["quant"] = dict(self.after.quant)  # type: ignore[union-attr]
         return out
 
 
@@ -132,7 +142,8 @@ def _layer(node: Node) -> Layer | None:
     rec = node.meta.get(RECOVERY_KEY)
     return Layer(node.name or node.outputs[0].name, node.op_type, *channels, params,
                  MAC_RULES[node.op_type](node),
-                 None if rec is None else (float(rec["drop"]), float(rec["after"])))
+                 None if rec is None else (float(rec["drop"]), float(rec["after"])),
+                 w.dtype.name.lower(), node.meta.get(QUANT_KEY))
 
 
 def snapshot(model: Model) -> list[Layer]:
@@ -192,6 +203,9 @@ def format_changes(changes: Sequence[LayerChange], limit: int | None = MAX_ROWS)
                           reverse=True)[:limit])
         shown = [c for i, c in enumerate(shown) if i in keep]
     recovered = any(getattr(c.after, "recovery", None) for c in shown)
+    typed = any(getattr(c.before, "weight_type", None) != getattr(c.after, "weight_type", None)
+                for c in shown if c.status == "changed")
+    noted = any(getattr(c.after, "quant", None) for c in shown)
     rows = []
     for c in shown:
         b, a = c.before, c.after
@@ -200,14 +214,27 @@ def format_changes(changes: Sequence[LayerChange], limit: int | None = MAX_ROWS)
                      *(_arrow(getattr(b, k, None), getattr(a, k, None), status=c.status,
                               sep=k in ("params", "macs"))
                        for k in ("in_channels", "out_channels", "params", "macs")),
-                     *([_error(getattr(a, "recovery", None))] if recovered else [])))
+                     *([_error(getattr(a, "recovery", None))] if recovered else []),
+                     *([f"{getattr(b, 'weight_type', '-') or '-'}->"
+                        f"{getattr(a, 'weight_type', '-') or '-'}"] if typed else []),
+                     *([_quant_note(getattr(a, "quant", None))] if noted else [])))
     header = ("layer", "op", "in", "out", "params", "MACs") + \
-        (("output error (dropped->recovered)",) if recovered else ())
+        (("output error (dropped->recovered)",) if recovered else ()) + \
+        (("weights",) if typed else ()) + (("quant sensitivity / kept float",) if noted else ())
     text = format_table(rows, header, right=(2, 3, 4, 5))
     if len(shown) < len(changes):
         text += (f"\n... and {len(changes) - len(shown)} more changed layers (smaller changes; "
                  "--layers lists all)")
     return text
+
+
+def _quant_note(note: dict | None) -> str:
+    if not note:
+        return ""
+    parts = [f"{note['sensitivity']:.4g}"] if "sensitivity" in note else []
+    if "float" in note:
+        parts.append(f"float ({note['float']})")
+    return "; ".join(parts)
 
 
 def _error(rec: tuple[float, float] | None) -> str:

@@ -314,3 +314,73 @@ def test_static_without_calibration_data_is_a_clear_error():
             "quant:int8 (static) needs calibration data: give --calib FILE, or use "
             "quant:int8,mode=dynamic or quant:int8,mode=weights")):
         PassManager("quant:int8").run(model, Context())
+
+
+# -- accuracy tools ----------------------------------------------------------------------------
+def _digits_error(name: str, spec: str, x: np.ndarray) -> tuple[float, object]:
+    from edgeopt.passes.calib import load_calibration
+
+    model = ir.load(f"{DIGITS}/{name}.onnx")
+    want = run_ort(ir.to_proto(model), {"input": x})[0]
+    step = quantize_model(model, spec, load_calibration(f"{DIGITS}/calib.npz", model))
+    got = run_ort(ir.to_proto(model), {"input": x})[0]
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want)), (model, step)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "mlp"])
+def test_bias_correction_lowers_the_error_on_held_out_digits(name, digits):
+    x, _ = digits
+    on, (_, step) = _digits_error(name, "quant:int8", x)
+    off, _ = _digits_error(name, "quant:int8,bias_correction=false", x)
+    assert step.stats["biases_corrected"] > 0
+    assert on < off * 0.97, (on, off)
+
+
+def test_sensitivity_is_measured_per_layer_and_reported(digits):
+    x, _ = digits
+    _, (model, step) = _digits_error("resnet", "quant:int8,sensitivity=true", x)
+    layers = [n for n in model.graph if n.op_type in ("Conv", "Gemm")]
+    assert step.stats["layers_measured"] == len(layers)
+    sens = [n.meta["edgeopt.quant"]["sensitivity"] for n in layers]
+    assert all(0 < s < 0.05 for s in sens) and len(set(sens)) == len(sens)
+
+
+def test_target_keeps_the_most_sensitive_layers_float_until_met(digits):
+    x, _ = digits
+    _, (model, step) = _digits_error("mobilenetv2", "quant:int8,target=cos:0.99995", x)
+    assert step.stats["target_score"] >= 0.99995 and step.stats["layers_float"] > 0
+    layers = [n for n in model.graph if n.op_type in ("Conv", "Gemm")]
+    kept = [n for n in layers if "float" in n.meta["edgeopt.quant"]]
+    assert len(kept) == step.stats["layers_float"]
+    for n in layers:  # float layers read their float weight; the others a DequantizeLinear
+        assert (n.inputs[1].const_value is not None) == (n in kept)
+    # the kept ones are the most sensitive
+    sens = sorted((n.meta["edgeopt.quant"]["sensitivity"], n in kept) for n in layers)
+    assert all(k for _, k in sens[-len(kept):])
+    _, (_, loose) = _digits_error("mobilenetv2", "quant:int8,target=cos:0.9", x)
+    assert loose.stats["layers_float"] == 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("quant:int8,calibrator=kl", "unknown calibrator 'kl'; available: auto, entropy, minmax, "
+                                 "mse, percentile"),
+    ("quant:int8,target=cos:2", "target 'cos:2' must be cos:X (0..1), relerr:X or maxerr:X"),
+    ("quant:int8,target=snr:30", "target 'snr:30' must be cos:X"),
+    ("quant:int8,percentile=0", "percentile must be in (0, 100]"),
+])
+def test_option_errors(spec, message):
+    text, weights = PATTERNS["conv_relu"]
+    with pytest.raises(Exception, match=re.escape(message)):
+        PassManager(spec).run(build_model(text, weights), Context())
+
+
+def test_cli_layer_table_shows_int8_weights_and_what_stayed_float(tmp_path, capsys):
+    from edgeopt.tools.cli import main
+
+    code = main([f"{DIGITS}/mobilenetv2.onnx", "-p", "quant:int8,target=cos:0.99995",
+                 "--calib", f"{DIGITS}/calib.npz", "-o", str(tmp_path / "q.onnx")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "quant sensitivity / kept float" in out
+    assert re.search(r"/head/head.5/Gemm +Gemm .* float->int8 +\d", out)
+    assert "float (target cos:0.99995)" in out
