@@ -164,6 +164,8 @@ def _from_node(node: Node) -> QuantParams | None:
         dt = x.dtype if x is not None and x.dtype is not None else DataType.UINT8
         zp = np.zeros(scale.shape, _NUMPY.get(dt, np.uint8))
     dtype = DataType.from_numpy(zp.dtype)
+    if scale.size == 1 and zp.size == 1:  # [1]-shaped parameters mean the same as scalars
+        scale, zp = scale.reshape(()), zp.reshape(())
     axis = int(node.attr("axis", 1)) if scale.ndim else None
     try:
         return QuantParams(scale.astype(np.float32), zp, dtype, axis)

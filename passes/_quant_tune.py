@@ -28,7 +28,7 @@ from ._base import Context
 from ._quant_plan import QuantPlan, node_label
 from ._util import NameGen, as_tensor, replace_constant_input
 from .analyses.activation_cache import ActivationCache
-from .analyses.activations import run_session
+from .analyses.activations import Activations, run_session
 
 __all__ = ["Metric", "bias_targets", "correct_biases", "parse_target"]
 
@@ -52,14 +52,15 @@ def bias_targets(plan: QuantPlan) -> list[Node]:
 
 
 def correct_biases(model: Model, ctx: Context, float_model: Model, layers: list[Node],
-                   samples: int = 32) -> int:
+                   samples: int = 16) -> int:
     """Add each layer's per-channel output shift (float minus quantized) to its int32 bias.
 
     Layers are corrected level by level, in graph order: a layer's shift is measured with
     the layers upstream of it already corrected, so no shift is corrected twice. Both
-    models run on the same first ``samples`` calibration samples, through incremental
-    caches (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`): about one
-    pass over each model. Layers without a quantized bias are left alone.
+    models run on the same first ``samples`` calibration samples: the float model once
+    (every layer's output means in one pass), the quantized one through an incremental
+    cache (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`), about one
+    pass in all. Layers without a quantized bias are left alone.
 
     Returns:
         The number of corrected layers.
@@ -68,7 +69,9 @@ def correct_biases(model: Model, ctx: Context, float_model: Model, layers: list[
     if not todo:
         return 0
     samples = min(samples, ctx.calib.num_samples)  # type: ignore[union-attr]
-    ref = ActivationCache(float_model, ctx, samples, max_bytes=CACHE_BYTES)
+    sub = Context(calib=ctx.calib.subset(samples), progress=ctx.progress)  # type: ignore[union-attr]
+    ref = Activations(float_model, sub, values=tuple(n.outputs[0].name for n in todo),
+                      hist_limit=1)
     now = ActivationCache(model, ctx, samples, max_bytes=CACHE_BYTES)
     names = NameGen(model)
     done = 0
@@ -78,12 +81,13 @@ def correct_biases(model: Model, ctx: Context, float_model: Model, layers: list[
         # request starts from them instead of from the graph inputs.
         ins = [v.name for n in level for v in n.inputs[:1] if v is not None and v.name
                and v.const_value is None]
-        want = {k: _channel_means(v) for k, v in ref.get(outs).items()}
+        want = {k: ref.stats[k].channel_mean for k in outs}
         got = now.get([*ins, *outs])
         have = {k: _channel_means(got[k]) for k in outs}
         for node in level:
             name = node.outputs[0].name
-            done += _shift_bias(node, want[name] - have[name], names)
+            if want[name] is not None and want[name].shape == have[name].shape:
+                done += _shift_bias(node, want[name] - have[name], names)
     return done
 
 

@@ -259,6 +259,11 @@ def _cast(arr: np.ndarray, dtype: DataType | None, source: str, name: str) -> np
                            "(no safe cast)")
 
 
+#: Symbolic dim names that name no particular size: each such dim is free on its own
+#: (Paddle's exporter writes ``?`` for every unknown dim).
+ANONYMOUS_DIMS = frozenset({"?", "-1", "unk__"})
+
+
 def _check_shape(arr: np.ndarray, value: Value, source: str,
                  bindings: dict[str, int]) -> int | None:
     """Check ``arr`` against the input's shape.
@@ -287,7 +292,8 @@ def _check_shape(arr: np.ndarray, value: Value, source: str,
         if isinstance(want, int) and got != want:
             raise CalibrationError(f"{source}: input {name!r} dim {axis} is {got}, the model "
                                    f"expects {want} (input shape {format_shape(shape)})")
-        if isinstance(want, str) and bindings.setdefault(want, got) != got:
+        if isinstance(want, str) and want not in ANONYMOUS_DIMS \
+                and bindings.setdefault(want, got) != got:
             raise CalibrationError(f"{source}: input {name!r} dim {axis} ({want!r}) is {got}, "
                                    f"but another input has {want!r} = {bindings[want]}")
     return per_run

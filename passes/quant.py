@@ -48,6 +48,10 @@ MIN_OPSET = 13
 #: ``Node.meta`` key of per-layer results (sensitivity, why a layer stayed float).
 META_KEY = "edgeopt.quant"
 
+#: Elements of one activation per calibration run that its histogram counts (an even
+#: stride; the range still sees all): enough for the calibrators, a fraction of the time.
+HIST_LIMIT = 1 << 16
+
 #: What ``calibrator=auto`` picks.
 DEFAULT_CALIBRATOR = "mse"
 
@@ -78,6 +82,12 @@ class QuantOptions:
             float model on the calibration data: ``cos:X`` (mean cosine similarity >= X),
             ``relerr:X`` (relative L2 error <= X) or ``maxerr:X`` (max abs error <= X).
         eval_samples: calibration samples used by ``sensitivity`` and ``target``.
+        conv: (``mode=dynamic``) ``float`` leaves Convs float (ONNX Runtime's ConvInteger is
+            slower than its float Conv on most shapes), ``integer`` makes them ConvInteger.
+        form: (``mode=weights``) ``qdq`` reads each int8 weight through a DequantizeLinear
+            (what other runtimes and the C backend read as an int8 weight), ``cast`` through
+            Cast + Mul, which ONNX Runtime folds at load time (it never folds
+            DequantizeLinear, and dequantizes on every run).
     """
 
     dtype: Literal["int8", "fp16"] = "int8"
@@ -92,6 +102,8 @@ class QuantOptions:
     sensitivity: bool = False
     target: str | None = None
     eval_samples: int = 32
+    conv: Literal["float", "integer"] = "float"
+    form: Literal["qdq", "cast"] = "qdq"
 
     def validate(self) -> None:
         """Raise ValueError for out-of-range values."""
@@ -165,8 +177,10 @@ def _static(model: Model, ctx: Context, opts: QuantOptions) -> dict[str, int | f
     typed = ir.infer_shapes(model)  # the plan needs every activation's dtype
     plan = plan_static(model, opts.exclude)
     if not plan.tensors:
-        return {"tensors_quantized": 0, "values_typed": typed, "bn_folded": folded}
-    act = ctx.analysis(Activations, values=tuple(plan.tensors))
+        return {"tensors_quantized": 0, "values_typed": typed, "bn_folded": folded,
+                "nodes_quantized": 0, "nodes_float": len(plan.skipped)}
+    act = ctx.analysis(Activations, values=tuple(plan.tensors), channels=False,
+                       hist_limit=HIST_LIMIT)
     params = _params(plan, act, opts)
     stats: dict[str, int | float] = {}
     float_model = model.clone() if opts.bias_correction else None
@@ -264,13 +278,15 @@ def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
     elif opts.mode == "dynamic":
         from ._quant_modes import quantize_dynamic
 
-        stats = quantize_dynamic(model, per_channel=opts.per_channel, skip=_skip(opts))
+        stats = quantize_dynamic(model, per_channel=opts.per_channel, skip=_skip(opts),
+                                 conv=opts.conv)
     elif opts.mode == "weights":
         from ._quant_modes import quantize_weights
 
-        stats = quantize_weights(model, per_channel=opts.per_channel, skip=_skip(opts))
+        stats = quantize_weights(model, per_channel=opts.per_channel, skip=_skip(opts),
+                                 form=opts.form)
     else:
         stats = _static(model, ctx, opts)
     modified = any(v for k, v in stats.items()
-                   if k.endswith("quantized") or k in ("converted", "values_typed"))
-    return PassResult(modified=bool(modified) or opts.dtype == "fp16", stats=stats)
+                   if k.endswith(("quantized", "converted", "folded")) or k == "values_typed")
+    return PassResult(modified=bool(modified), stats=stats)

@@ -94,8 +94,10 @@ class LayerChange:
         rec = getattr(self.after, "recovery", None)
         if rec is not None:
             out["recovery_error"] = {"dropped": rec[0], "recovered": rec[1]}
-        out["weight_type"] = {"before": getattr(self.before, "weight_type", None),
-                              "after": getattr(self.after, "weight_type", None)}
+        types = {"before": getattr(self.before, "weight_type", None) or None,
+                 "after": getattr(self.after, "weight_type", None) or None}
+        if any(types.values()):
+            out["weight_type"] = types
         if getattr(self.after, "quant", None):
             out["quant"] = dict(self.after.quant)  # type: ignore[union-attr]
         return out

@@ -203,15 +203,17 @@ class _GrowingHistogram:
 class _Accumulator:
     """Running sums for one value."""
 
-    def __init__(self, name: str, bins: int) -> None:
+    def __init__(self, name: str, bins: int, channels: bool = True,
+                 hist_limit: int | None = None) -> None:
         self.name = name
+        self.hist_limit = hist_limit
         self.shape: tuple[int, ...] | None = None
         self.count = self.nonfinite = self.zeros = 0
         self.total = self.abs_total = 0.0
         self.min, self.max = math.inf, -math.inf
         self.hist = _GrowingHistogram(bins)
         self.channels: list[np.ndarray] | None = None  # sum, |sum|, zeros, count per channel
-        self.channels_ok = True
+        self.channels_ok = channels
 
     def update(self, arr: np.ndarray) -> None:
         """Add one run's array (float32 stays float32; sums accumulate in float64)."""
@@ -236,6 +238,8 @@ class _Accumulator:
         self.total += float(sums[0])
         self.abs_total += float(sums[1])
         self.zeros += int(sums[2])
+        if self.hist_limit is not None and vals.size > self.hist_limit:
+            vals = vals[::-(-vals.size // self.hist_limit)]  # an even stride through the run
         self.hist.add(vals, (mn, mx))
 
     def _update_channels(self, x: np.ndarray, mask: np.ndarray | None
@@ -417,6 +421,9 @@ class Activations:
         batch_size: samples per run (a static batch dim in the model overrides it).
         max_bytes: bound on the bytes of exposed outputs fetched by one run.
         bins: histogram bins (even).
+        channels: compute the per-channel statistics (``channel_*``; None when False).
+        hist_limit: histogram at most this many elements of a value per run, an even stride
+            through it (min, max, mean and counts still see every element); None: all.
 
     Attributes:
         stats: value name -> :class:`ValueStats`.
@@ -434,7 +441,8 @@ class Activations:
     INLINE_LIMIT = 256 << 20
 
     def __init__(self, model: Model, ctx: Any, values: Iterable[str] | None = None,
-                 batch_size: int = 8, max_bytes: int = 512 << 20, bins: int = 2048) -> None:
+                 batch_size: int = 8, max_bytes: int = 512 << 20, bins: int = 2048,
+                 channels: bool = True, hist_limit: int | None = None) -> None:
         if bins < 2 or bins % 2:
             raise ValueError(f"bins must be an even number >= 2, not {bins}")
         if batch_size < 1 or max_bytes < 1:
@@ -443,6 +451,7 @@ class Activations:
         self._calib = _require_calib(ctx, model)
         self._progress = getattr(ctx, "progress", lambda *a: None)
         self.batch_size, self.max_bytes, self.bins = batch_size, max_bytes, bins
+        self.channels, self.hist_limit = channels, hist_limit
         info = _infer(model, self._calib)
         self._dtypes = self._candidates(model, info)
         self._per_sample = self._sizes(info)
@@ -494,7 +503,8 @@ class Activations:
     # -- running ------------------------------------------------------------------------------
     def _collect(self) -> dict[str, ValueStats]:
         calib = self._calib
-        accs = {n: _Accumulator(n, self.bins) for n in self.values}
+        accs = {n: _Accumulator(n, self.bins, self.channels, self.hist_limit)
+                for n in self.values}
         fed = [n for n in self.values if n in calib.arrays]  # graph inputs: no run needed
         exposed = [n for n in self.values if n not in calib.arrays]
         batch, self.groups = _plan(exposed, self._per_sample, self.max_bytes, self.batch_size,

@@ -175,6 +175,15 @@ def test_symbolic_dims_are_bound_consistently(tmp_path):
         load_calibration(str(bad), model)
 
 
+def test_anonymous_question_mark_dims_are_free(tmp_path):
+    """Paddle's exporter names every unknown dim '?' (PP-OCR's cls input is [-1, 3, ?, ?])."""
+    model = parse_model('<ir_version: 8, opset_import: ["" : 17]>\n'
+                        'g (float[N, 3, "?", "?"] x) => (float[N, 3, "?", "?"] y) { y = Relu(x) }')
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.zeros((2, 3, 48, 192), np.float32))
+    assert load_calibration(str(path), model).num_samples == 2
+
+
 def test_object_arrays_are_refused_without_unpickling(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, x=np.array([{"a": 1}, None], dtype=object))  # pickled inside the archive

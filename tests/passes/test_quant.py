@@ -262,7 +262,8 @@ def test_exclude_keeps_matching_nodes_float():
     stats = quantize_model(q, "quant:int8,exclude=stem*").stats
     conv = next(n for n in q.graph if n.op_type == "Conv")
     assert conv.inputs[1].const_value is not None  # the float weight, no DequantizeLinear
-    assert stats["nodes_float"] == 1
+    assert stats["nodes_float"] == 2  # the conv and its Relu, which stays with it
+    assert [n.op_type for n in q.graph] == ["Conv", "Relu", "Identity"]
 
 
 def test_squeezenet_opset9_is_upgraded_runs_integer_kernels_and_shrinks(tmp_path):
