@@ -71,6 +71,7 @@ def _gemm_axis(node: Node) -> int:
 _SHARED = OpRule(output="shared")
 RULES: dict[str, OpRule] = {
     "Conv": OpRule(weight=1, bias=2),
+    "ConvTranspose": OpRule(weight=1, weight_axis=1, bias=2),
     "Gemm": OpRule(weight=1, weight_axis=_gemm_axis, bias=2),
     "MatMul": OpRule(acts=(0, 1), weight=1, weight_axis=-1),
     "Add": OpRule(acts=None),

@@ -43,6 +43,7 @@ class _Rewrite:
         "activations_fused": 0, "weight_bytes_before": 0, "weight_bytes_after": 0})
     _weights: dict[tuple[int, int | None], tuple[Value, QuantParams]] = field(
         default_factory=dict)
+    _zero_points: dict[tuple[DataType, int], Value] = field(default_factory=dict)
 
     def dq(self, base: str, q: np.ndarray, qp: QuantParams, anchor: Node | None) -> Value:
         """``DequantizeLinear`` of the constant ``q``, placed before ``anchor``."""
@@ -59,13 +60,23 @@ class _Rewrite:
         graph = self.model.graph
         s = add_constant(graph, self.names, f"{base}_scale", as_tensor(qp.scale))
         z = None if not qp.zero_point.any() and qp.dtype == DataType.INT32 else \
+            self.zero_point(qp) if qp.axis is None else \
             add_constant(graph, self.names, f"{base}_zero_point", as_tensor(qp.zero_point))
         attrs = [] if qp.axis is None else [Attr.infer("axis", qp.axis)]
         out = Value(self.names.fresh(f"{base}_dequantized"), DataType.FLOAT)
         node = Node("DequantizeLinear", (x, s) if z is None else (x, s, z), attrs, outputs=(out,),
-                    name=self.names.fresh(f"{base}_DequantizeLinear"))
+                    name="")
         _place(graph, node, anchor)
         return out
+
+    def zero_point(self, qp: QuantParams) -> Value:
+        """A scalar zero point: one initializer per type and value, shared by every tensor."""
+        key = (qp.dtype, int(qp.zero_point))
+        if key not in self._zero_points:
+            self._zero_points[key] = add_constant(
+                self.model.graph, self.names, f"zero_point_{qp.dtype.name.lower()}_{key[1]}",
+                as_tensor(qp.zero_point))
+        return self._zero_points[key]
 
     # -- activations ---------------------------------------------------------------------------
     def activation(self, value: Value, qp: QuantParams) -> tuple[Node, Node]:
@@ -74,13 +85,11 @@ class _Rewrite:
         uses = list(value.uses())
         base = value.name
         s = add_constant(graph, self.names, f"{base}_scale", as_tensor(qp.scale))
-        z = add_constant(graph, self.names, f"{base}_zero_point", as_tensor(qp.zero_point))
+        z = self.zero_point(qp)
         qv = Value(self.names.fresh(f"{base}_quantized"), qp.dtype, value.shape)
         out = Value(self.names.fresh(f"{base}_dequantized"), DataType.FLOAT, value.shape)
-        q = Node("QuantizeLinear", (value, s, z), outputs=(qv,),
-                 name=self.names.fresh(f"{base}_QuantizeLinear"))
-        d = Node("DequantizeLinear", (qv, s, z), outputs=(out,),
-                 name=self.names.fresh(f"{base}_DequantizeLinear"))
+        q = Node("QuantizeLinear", (value, s, z), outputs=(qv,))
+        d = Node("DequantizeLinear", (qv, s, z), outputs=(out,))
         producer = value.producer()
         if producer is None:
             first = next(iter(graph), None)

@@ -71,7 +71,7 @@ def correct_biases(model: Model, ctx: Context, float_model: Model, layers: list[
     samples = min(samples, ctx.calib.num_samples)  # type: ignore[union-attr]
     sub = Context(calib=ctx.calib.subset(samples), progress=ctx.progress)  # type: ignore[union-attr]
     ref = Activations(float_model, sub, values=tuple(n.outputs[0].name for n in todo),
-                      hist_limit=1)
+                      moments=False, hist_limit=0)  # light: the channel means alone
     now = ActivationCache(model, ctx, samples, max_bytes=CACHE_BYTES)
     names = NameGen(model)
     done = 0
@@ -96,7 +96,8 @@ CACHE_BYTES = 256 << 20
 
 
 def _channel_means(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, np.float64).mean(axis=(0, *range(2, x.ndim)))
+    """Mean over every axis but 1, accumulated in float64 (without a float64 copy)."""
+    return x.mean(axis=(0, *range(2, x.ndim)), dtype=np.float64)
 
 
 def _levels(model: Model, layers: list[Node]) -> list[list[Node]]:

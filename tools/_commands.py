@@ -27,7 +27,7 @@ from .cli import print_json
 __all__ = ["cmd_compare", "cmd_demo", "cmd_info", "cmd_optimize", "cmd_passes"]
 
 #: The headline pipeline of `edgeopt demo`; it grows as passes land (quant, C output).
-DEMO_PIPELINE = "simplify,prune:0.5"
+DEMO_PIPELINE = "simplify,prune:0.5,quant:int8"
 
 
 class _Announce:

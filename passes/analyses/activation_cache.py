@@ -22,8 +22,8 @@ import numpy as np
 
 from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError, Model
+from edgeopt.ir._clone import _clone_node, _copy_value
 
-from .._util import NameGen
 from .activations import Activations, _OrtModel, _require_calib, run_session
 
 __all__ = ["ActivationCache"]
@@ -273,33 +273,34 @@ class ActivationCache:
         order = sorted(nodes.values(), key=lambda n: cones.position[id(n)])
         return order, cuts, inputs
 
-    def _submodel(self, nodes: Sequence[ir.Node], cuts: Sequence[str],
-                  inputs: Sequence[str], outputs: Sequence[str]) -> tuple[Model, dict[str, str]]:
-        """A copy of the model reduced to ``nodes``; cut values become inputs.
+    def _submodel(self, nodes: Sequence[ir.Node], cuts: Sequence[str], inputs: Sequence[str],
+                  outputs: Sequence[str], cones: _Cones) -> tuple[Model, list[str]]:
+        """A model of copies of ``nodes`` alone; ``inputs`` and the cut values are its inputs.
 
-        Returns the copy and the input name of every cut value.
+        Only ``nodes`` are copied (tensors are shared), so a request costs what it runs.
+        Returns the model and the cut values it reads (a cut value whose producer is among
+        ``nodes``, beside an output that is not cached, is computed instead).
         """
-        sub = self._model.clone()
-        g = sub.graph
         kept = {id(n) for n in nodes}
-        values = {v.name: v for v in g.inputs}
-        values.update((o.name, o) for n in g for o in n.outputs if o.name)
-        names = NameGen(sub)
-        renamed, cut_inputs = {}, []
-        for name in cuts:
+        values = cones.values
+        graph = ir.Graph(name=self._model.graph.name)
+        vmap: dict[int, ir.Value] = {id(values[n]): _copy_value(values[n]) for n in inputs}
+        fed = [c for c in cuts if id(values[c].producer()) not in kept]
+        for name in fed:
             dtype = DataType.from_numpy(self._entries[name].array.dtype)
-            new = ir.Value(names.fresh(f"{name}_cached"), dtype)
-            values[name].replace_all_uses_with(new)
-            renamed[name] = new.name
-            cut_inputs.append(new)
-        g.outputs[:] = [values[n] for n in outputs]
-        g.remove([s for o, s in zip(self._model.graph, g.nodes, strict=True)
-                  if id(o) not in kept])
-        g.inputs[:] = [values[n] for n in inputs] + cut_inputs
-        for name, v in list(g.initializers.items()):
-            if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
-                del g.initializers[name]
-        return sub, renamed
+            vmap[id(values[name])] = ir.Value(name, dtype)
+        for node in nodes:
+            for v in cones.reads(node):
+                if v.is_initializer() and id(v) not in vmap:
+                    vmap[id(v)] = graph.initializers.add(_copy_value(v))
+            vmap.update((id(o), _copy_value(o)) for o in node.outputs)
+        for node in nodes:
+            graph.append(_clone_node(node, vmap))
+        graph.inputs.extend(vmap[id(values[n])] for n in [*inputs, *fed])
+        graph.outputs.extend(vmap[id(values[n])] for n in outputs)
+        sub = Model(graph, dict(self._model.opset_imports), self._model.ir_version)
+        sub.functions = list(self._model.functions)  # exported as they are, never modified
+        return sub, fed
 
     def _compute(self, todo: Sequence[str], at_hand: int, names: Sequence[str],
                  cones: _Cones) -> dict[str, _Entry]:
@@ -309,7 +310,7 @@ class ActivationCache:
         which count for ``max_bytes`` too.
         """
         nodes, cuts, inputs = self._slice(todo, cones)
-        sub, renamed = self._submodel(nodes, cuts, inputs, todo)
+        sub, fed = self._submodel(nodes, cuts, inputs, todo, cones)
         self.nodes_run += len(nodes)
         chunks: dict[str, list[np.ndarray]] = {n: [] for n in todo}
         k = len(self._feeds)
@@ -319,7 +320,7 @@ class ActivationCache:
                 if i == k:
                     break
                 feeds = {n: self._feeds[i][n] for n in inputs}
-                feeds.update((renamed[c], self._entries[c].run(i)) for c in cuts)
+                feeds.update((c, self._entries[c].run(i)) for c in fed)
                 outs = self._run(session, todo, feeds)
                 for name, arr in zip(todo, outs, strict=True):
                     chunks[name].append(arr)

@@ -24,6 +24,30 @@ old edge by one bin). The final range contains ``[min, max]`` and is less than 4
 (less than twice when it grew in one direction only), so more than ``bins/4`` bins span the
 data. After a single batch it is ``[min, max]`` (the top edge rounded up if need be). Counts
 then equal ``np.histogram(x, bins=stats.hist_edges)``. The range depends on the batch order.
+
+Light statistics (``moments=False``; what quantization calibrates from). Instead of exposing
+each value as a graph output, the exported copy computes small reductions in the graph, per
+value: ``Shape`` (the element count), ``ReduceMin`` and ``ReduceMax`` over all axes (no
+``axes``, which means every axis in every opset), with ``channels`` a ``ReduceMean`` over
+every axis but 1 (``axes`` an attribute before opset 18, an input from 18), and for the
+histogram a strided sample of the flattened value: ``Reshape`` to ``[-1]``, then ``Slice``
+with a step from the value's static size in a run, the smallest one that keeps at most
+``hist_limit`` elements and is coprime with the size (a step sharing a factor with the inner
+dims would sample the same columns every time). Only these small outputs leave ONNX Runtime,
+so one pass over the data covers every value, and the session gets ONNX Runtime's full graph
+optimizations (faster kernels: the values are the graph's up to float rounding, which deep
+networks compound, to about 1e-4 of the range at the end of ResNet-50). ``count``, ``min``
+and ``max`` are exact; the histogram counts the samples, over edges spanning the exact
+``[min, max]``; ``channel_mean`` sums each run's means (in the value's type) in float64;
+``mean``, ``mean_abs`` and ``zero_fraction`` are NaN, ``channel_mean_abs`` and
+``channel_zero_fraction`` None, ``nonfinite`` 0. When the size is unknown, the opset is below
+10 (no ``Slice`` steps) or ``hist_limit`` is None, the whole value is fetched for the
+histogram (and strided in numpy the same way). Non-finite elements: ONNX Runtime's
+``ReduceMin``/``ReduceMax`` pass infinities on but skip NaN except in the first element. A
+value whose min, max, channel means or sample is not finite in some run is measured again in
+full mode (its non-finite elements are then counted and left out, and its moments filled
+in); a NaN that all of these miss is left out of min and max, as in full mode, but counted
+in ``count`` rather than ``nonfinite``.
 """
 
 from __future__ import annotations
@@ -34,7 +58,6 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +66,7 @@ from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError, Model
 
 from ..calib import CalibrationData, CalibrationError
+from .value_stats import ValueStats, _Accumulator, _Extremes, _stride
 
 __all__ = ["Activations", "ValueStats", "run_session"]
 
@@ -51,233 +75,6 @@ log = logging.getLogger(__name__)
 FLOAT_TYPES = frozenset({DataType.FLOAT, DataType.FLOAT16, DataType.DOUBLE})
 
 
-@dataclass(frozen=True, eq=False)
-class ValueStats:
-    """Statistics of one value over every calibration sample.
-
-    Non-finite elements are counted in ``nonfinite`` and left out of everything else.
-    Per-channel statistics run along axis 1 of the value as the model computes it (None for
-    values of rank < 2, or whose axis 1 changed size between runs).
-
-    Attributes:
-        name: the value's name.
-        shape: its shape in the first run.
-        count: finite elements seen.
-        nonfinite: NaN and infinite elements seen.
-        min: smallest element.
-        max: largest element.
-        mean: mean element.
-        mean_abs: mean absolute element.
-        zero_fraction: fraction of elements exactly 0 (APoZ after a ReLU).
-        channel_mean: per-channel mean, shape ``(C,)``.
-        channel_mean_abs: per-channel mean absolute value.
-        channel_zero_fraction: per-channel fraction of zeros.
-        hist: element counts per bin (int64, sums to ``count``); bin ``i`` holds
-            ``hist_edges[i] <= x < hist_edges[i + 1]``, the last bin also ``x == hi``.
-        hist_edges: the ``len(hist) + 1`` bin edges, equally spaced; they span ``[min, max]``.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    count: int
-    nonfinite: int
-    min: float
-    max: float
-    mean: float
-    mean_abs: float
-    zero_fraction: float
-    channel_mean: np.ndarray | None
-    channel_mean_abs: np.ndarray | None
-    channel_zero_fraction: np.ndarray | None
-    hist: np.ndarray
-    hist_edges: np.ndarray
-
-    @property
-    def hist_range(self) -> tuple[float, float]:
-        """``(lo, hi)``: the first and last histogram edges."""
-        return float(self.hist_edges[0]), float(self.hist_edges[-1])
-
-    def percentile(self, q: float) -> float:
-        """The ``q``-th percentile (0..100), interpolated within a histogram bin."""
-        if not 0 <= q <= 100:
-            raise ValueError(f"percentile must be in [0, 100], not {q}")
-        if self.count == 0:
-            return math.nan
-        cum = np.cumsum(self.hist)
-        target = q / 100 * cum[-1]
-        i = int(np.searchsorted(cum, target, side="left"))
-        i = min(i, len(self.hist) - 1)
-        before = cum[i - 1] if i else 0
-        frac = (target - before) / self.hist[i] if self.hist[i] else 0.0
-        edges = self.hist_edges
-        return float(np.clip(edges[i] + frac * (edges[i + 1] - edges[i]), self.min, self.max))
-
-
-class _GrowingHistogram:
-    """Fixed bin count over a range that doubles when data falls outside it.
-
-    Edges are ``lo + k * step``. Doubling ``step`` is exact in binary floating point, so after
-    the range grows upward every new edge is one of the old edges and merging bin pairs is
-    exact; growing downward moves ``lo``, whose rounding may shift values lying exactly on an
-    old inner edge by one bin.
-    """
-
-    #: Values binned at once.
-    BLOCK = 1 << 16
-
-    def __init__(self, bins: int) -> None:
-        self.bins = bins
-        self.counts = np.zeros(bins, np.int64)
-        self.lo = self.step = 0.0
-        self.started = False
-        # Values exactly at ``hi`` sit in the last bin, which is closed; once the range grows
-        # upward, ``hi`` becomes an inner edge and they belong to the bin above it.
-        self.at_hi = 0
-
-    @property
-    def hi(self) -> float:
-        """The upper end of the range (the last edge)."""
-        return self.lo + self.bins * self.step
-
-    def edges(self) -> np.ndarray:
-        """The ``bins + 1`` edges."""
-        return self.lo + np.arange(self.bins + 1) * self.step
-
-    def add(self, vals: np.ndarray, bounds: tuple[float, float] | None = None) -> None:
-        """Count finite values (float32 ones are compared with the edges in float64).
-
-        ``bounds``: their ``(min, max)``, when the caller knows it already.
-        """
-        if not vals.size:
-            return
-        mn, mx = bounds if bounds is not None else (float(vals.min()), float(vals.max()))
-        if not self.started:
-            # A constant first batch still needs a non-empty range.
-            span = mx - mn if mx > mn else max(abs(mn), 1.0) * 1e-6
-            self.lo, self.step, self.started = mn, span / self.bins, True
-            while self.hi < mx:  # rounding: the range must reach the maximum
-                self.step = float(np.nextafter(self.step, math.inf))
-        while mn < self.lo:
-            self._double(down=True)
-        while mx > self.hi:
-            self._double(down=False)
-        for i in range(0, vals.size, self.BLOCK):  # blocks: the temporaries stay in cache
-            self.counts += np.bincount(self._bin(vals[i:i + self.BLOCK]), minlength=self.bins)
-        # np.float64: a float32 array must not round the bound to float32 to compare.
-        self.at_hi += int(np.count_nonzero(vals == np.float64(self.hi)))
-
-    def _bin(self, vals: np.ndarray) -> np.ndarray:
-        """Bin of each value: ``edges[i] <= v < edges[i + 1]``, the last bin also ``v == hi``.
-
-        The same as ``searchsorted(edges, vals, side="right") - 1`` (clipped), several times
-        faster: the quotient ``(v - lo) / step`` (>= 0, so truncation is floor) is off by at
-        most one bin near an edge through rounding, and comparisons with the edges fix that.
-        """
-        edges = self.edges()
-        below, above = edges[:-1], np.append(edges[1:-1], np.inf)  # the last bin is closed
-        q = np.subtract(vals, self.lo, dtype=np.float64)
-        q /= self.step
-        idx = q.astype(np.intp)
-        np.minimum(idx, self.bins - 1, out=idx)
-        while True:
-            down, up = vals < below[idx], vals >= above[idx]
-            if not (down.any() or up.any()):
-                return idx
-            idx -= down
-            idx += up
-
-    def _double(self, down: bool) -> None:
-        merged = self.counts.reshape(-1, 2).sum(axis=1)
-        empty = np.zeros_like(merged)
-        half = self.bins // 2
-        if down:
-            self.counts, self.lo = np.concatenate([empty, merged]), self.lo - self.bins * self.step
-        else:
-            self.counts = np.concatenate([merged, empty])
-            self.counts[half - 1] -= self.at_hi
-            self.counts[half] += self.at_hi
-            self.at_hi = 0
-        self.step *= 2
-
-
-class _Accumulator:
-    """Running sums for one value."""
-
-    def __init__(self, name: str, bins: int, channels: bool = True,
-                 hist_limit: int | None = None) -> None:
-        self.name = name
-        self.hist_limit = hist_limit
-        self.shape: tuple[int, ...] | None = None
-        self.count = self.nonfinite = self.zeros = 0
-        self.total = self.abs_total = 0.0
-        self.min, self.max = math.inf, -math.inf
-        self.hist = _GrowingHistogram(bins)
-        self.channels: list[np.ndarray] | None = None  # sum, |sum|, zeros, count per channel
-        self.channels_ok = channels
-
-    def update(self, arr: np.ndarray) -> None:
-        """Add one run's array (float32 stays float32; sums accumulate in float64)."""
-        x = np.asarray(arr)
-        if x.dtype.kind != "f":
-            x = x.astype(np.float64)
-        if self.shape is None:
-            self.shape = tuple(x.shape)
-        finite = np.isfinite(x)
-        mask = None if finite.all() else finite
-        vals = x.ravel() if mask is None else x[mask]
-        self.nonfinite += x.size - vals.size
-        sums = self._update_channels(x, mask)
-        if not vals.size:
-            return
-        if sums is None:  # no channel axis to sum along first
-            sums = (vals.sum(dtype=np.float64), np.abs(vals).sum(dtype=np.float64),
-                    np.count_nonzero(vals == 0))
-        mn, mx = float(vals.min()), float(vals.max())
-        self.count += vals.size
-        self.min, self.max = min(self.min, mn), max(self.max, mx)
-        self.total += float(sums[0])
-        self.abs_total += float(sums[1])
-        self.zeros += int(sums[2])
-        if self.hist_limit is not None and vals.size > self.hist_limit:
-            vals = vals[::-(-vals.size // self.hist_limit)]  # an even stride through the run
-        self.hist.add(vals, (mn, mx))
-
-    def _update_channels(self, x: np.ndarray, mask: np.ndarray | None
-                         ) -> tuple[float, float, int] | None:
-        """Add the per-channel sums; return their totals (None: no channel axis)."""
-        if x.ndim < 2 or not self.channels_ok:
-            return None
-        if self.channels is not None and len(self.channels[0]) != x.shape[1]:
-            self.channels_ok = False  # axis 1 is not a channel axis after all
-            return None
-        axes = (0, *range(2, x.ndim))
-        if mask is None:
-            count = np.full(x.shape[1], x.size // max(x.shape[1], 1), np.int64)
-            zeros = np.count_nonzero(x == 0, axis=axes)
-        else:
-            x = np.where(mask, x, 0.0)
-            count = mask.sum(axis=axes)
-            zeros = np.count_nonzero((x == 0) & mask, axis=axes)
-        new = [x.sum(axis=axes, dtype=np.float64), np.abs(x).sum(axis=axes, dtype=np.float64),
-               zeros, count]
-        self.channels = new if self.channels is None else \
-            [a + b for a, b in zip(self.channels, new, strict=True)]
-        return float(new[0].sum()), float(new[1].sum()), int(new[2].sum())
-
-    def result(self) -> ValueStats:
-        """The finished statistics."""
-        n = self.count
-        ch = self.channels if self.channels_ok and self.channels is not None else None
-        if ch is not None:
-            denom = np.maximum(ch[3], 1).astype(np.float64)
-            ch_mean, ch_abs, ch_zero = ch[0] / denom, ch[1] / denom, ch[2] / denom
-        else:
-            ch_mean = ch_abs = ch_zero = None
-        return ValueStats(self.name, self.shape or (), n, self.nonfinite,
-                          self.min if n else math.nan, self.max if n else math.nan,
-                          self.total / n if n else math.nan, self.abs_total / n if n else math.nan,
-                          self.zeros / n if n else math.nan, ch_mean, ch_abs, ch_zero,
-                          self.hist.counts.copy(), self.hist.edges())
 
 
 class _OrtModel:
@@ -294,26 +91,95 @@ class _OrtModel:
             self.proto = onnx.load(path, load_external_data=False)
         else:
             self.proto = ir.to_proto(model)
-        self._outputs = list(self.proto.graph.output)
+        graph = self.proto.graph
+        self._outputs = list(graph.output)
+        self._sizes = len(graph.node), len(graph.initializer)
+        self.opset = next((o.version for o in self.proto.opset_import
+                           if o.domain in ("", "ai.onnx")), 0)
 
-    def session(self, names: Sequence[str], dtypes: Mapping[str, DataType | None]) -> Any:
-        """An ONNX Runtime session whose outputs include ``names``."""
-        import onnx
-        import onnxruntime as ort
-
+    def _reset(self) -> Any:
+        """The graph as exported (no added outputs, nodes or initializers)."""
         graph = self.proto.graph
         del graph.output[:]
         graph.output.extend(self._outputs)
+        del graph.node[self._sizes[0]:]
+        del graph.initializer[self._sizes[1]:]
+        return graph
+
+    def session(self, names: Sequence[str], dtypes: Mapping[str, DataType | None]) -> Any:
+        """An ONNX Runtime session whose outputs include ``names``."""
+        graph = self._reset()
         listed = {o.name for o in self._outputs}
         for name in names:
             if name not in listed:
                 vi = graph.output.add(name=name)
                 if dtypes.get(name) is not None:
                     vi.type.tensor_type.elem_type = int(dtypes[name])  # type: ignore[arg-type]
+        # Basic optimizations only: the values are measured as the graph defines them.
+        return self._load(full=False)
+
+    def light_session(self, names: Sequence[str], strides: Mapping[str, int],
+                      ranks: Mapping[str, int]) -> tuple[Any, dict[str, dict[str, str]]]:
+        """A session computing light statistics of ``names`` (see the module docs).
+
+        ``strides``: the stride of each value's histogram sample (1: the whole value; no
+        sample for a value missing from it). ``ranks``: the rank of each value whose
+        per-channel means (over every axis but 1) are wanted. Returns the session and, per
+        value, the output holding each :meth:`_Extremes.update` argument.
+        """
+        from onnx import helper, numpy_helper
+
+        graph = self._reset()
+        taken = {v.name for v in [*graph.input, *graph.output, *graph.initializer]}
+        taken.update(o for node in graph.node for o in node.output)
+        prefix = "edgeopt_stats"
+        while any(t.startswith(prefix) for t in taken):
+            prefix += "_"
+        consts: dict[str, list[int]] = {"flat": [-1], "zero": [0],
+                                        "end": [np.iinfo(np.int64).max]}
+        consts.update((f"step{k}", [k]) for k in set(strides.values()) if k > 1)
+        consts.update((f"axes{r}", [0, *range(2, r)]) for r in set(ranks.values()))
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{prefix}.{k}")
+                                 for k, v in consts.items())
+
+        def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+            graph.node.append(helper.make_node(op, inputs, [output], **attrs))
+            return output
+
+        c = f"{prefix}."  # the constants
+        outputs: dict[str, dict[str, str]] = {}
+        for i, name in enumerate(names):
+            out = f"{prefix}.{i}."
+            roles = outputs[name] = {
+                "shape": node("Shape", [name], out + "shape"),
+                "lo": node("ReduceMin", [name], out + "lo", keepdims=1),
+                "hi": node("ReduceMax", [name], out + "hi", keepdims=1)}
+            if strides.get(name, 1) > 1:
+                flat = node("Reshape", [name, c + "flat"], out + "flat")
+                roles["sample"] = node("Slice", [flat, c + "zero", c + "end", c + "zero",
+                                                 f"{c}step{strides[name]}"], out + "sample")
+            elif name in strides:
+                roles["sample"] = name
+            if name in ranks:  # axes: an attribute before opset 18, an input from 18 on
+                axes = f"axes{ranks[name]}"
+                roles["channel_mean"] = \
+                    node("ReduceMean", [name, c + axes], out + "mean", keepdims=0) \
+                    if self.opset >= 18 else \
+                    node("ReduceMean", [name], out + "mean", keepdims=0, axes=consts[axes])
+        listed = {o.name for o in self._outputs}
+        graph.output.extend(helper.make_empty_tensor_value_info(o) for roles in outputs.values()
+                            for o in roles.values() if o not in listed)
+        return self._load(full=True), outputs
+
+    def _load(self, full: bool) -> Any:
+        """An ONNX Runtime session of the graph as it is now (``full``: all optimizations)."""
+        import onnx
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        # Basic optimizations only: the values are measured as the graph defines them.
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full \
+            else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         src: Any = self.proto.SerializeToString() if self._tmp is None else None
         if self._tmp is not None:
             src = os.path.join(self._tmp.name, "exposed.onnx")
@@ -357,6 +223,11 @@ def _weight_bytes(model: Model) -> int:
                for v in g.initializers.values() if v.const_value is not None)
 
 
+def _opset(model: Model) -> int:
+    """The model's default-domain opset (0 without one)."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
 def _require_calib(ctx: Any, model: Model) -> CalibrationData:
     calib = getattr(ctx, "calib", None)
     if calib is None:
@@ -369,15 +240,26 @@ def _require_calib(ctx: Any, model: Model) -> CalibrationData:
     return calib
 
 
-def _infer(model: Model, calib: CalibrationData) -> dict[str, tuple[Any, Any]]:
-    """Map each main-graph activation to (dtype, shape), with inputs fixed to one run."""
-    feeds = next(calib.batches(1))
-    required = {v.name for v in model.graph.inputs if not v.is_initializer()}
-    clone = model.clone()
-    try:
-        ir.static_shapes(clone, {k: a.shape for k, a in feeds.items() if k in required})
-    except Exception as e:  # estimates only: fall back to what the IR knows
-        log.debug("Activations: shape inference for size estimates failed: %s", e)
+def _infer(model: Model, calib: CalibrationData, batch: int = 1
+           ) -> dict[str, tuple[Any, Any]]:
+    """Map each main-graph activation to (dtype, shape), with inputs fixed to one run.
+
+    The run is the first of ``calib.batches(batch)``. When the model's inputs already have
+    that run's shapes and every activation a static shape, those are used as they are.
+    """
+    feeds = next(calib.batches(batch))
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    fixed = {v.name: feeds[v.name].shape for v in inputs if v.name in feeds}
+    outputs = [o for node in model.graph for o in node.outputs if o.name]
+    if all(tuple(v.shape or ()) == fixed.get(v.name) for v in inputs) and \
+            all(ir.shape_is_static(o.shape) and o.dtype is not None for o in outputs):
+        clone = model  # nothing to infer
+    else:
+        clone = model.clone()
+        try:
+            ir.static_shapes(clone, fixed)
+        except Exception as e:  # estimates only: fall back to what the IR knows
+            log.debug("Activations: shape inference for size estimates failed: %s", e)
     info = {v.name: (v.dtype, v.shape) for v in clone.graph.inputs}
     for node in clone.graph:
         info.update((o.name, (o.dtype, o.shape)) for o in node.outputs if o.name)
@@ -423,7 +305,11 @@ class Activations:
         bins: histogram bins (even).
         channels: compute the per-channel statistics (``channel_*``; None when False).
         hist_limit: histogram at most this many elements of a value per run, an even stride
-            through it (min, max, mean and counts still see every element); None: all.
+            through it (min, max, mean and counts still see every element); None: all;
+            0: no histogram at all (``hist`` and ``hist_edges`` raise ValueError).
+        moments: full statistics (True), or light ones (False): exact min, max and count, a
+            histogram of a sample and, with ``channels``, the per-channel means, computed
+            inside the graph in one pass; no moments (see the module docs).
 
     Attributes:
         stats: value name -> :class:`ValueStats`.
@@ -433,6 +319,7 @@ class Activations:
         peak_bytes: most output bytes fetched by one run.
 
     Raises:
+        ValueError: bad parameters.
         CalibrationError: ``ctx.calib`` is missing or does not fit the model.
         EdgeoptError: an unknown or non-float value, or ONNX Runtime failed.
     """
@@ -442,17 +329,21 @@ class Activations:
 
     def __init__(self, model: Model, ctx: Any, values: Iterable[str] | None = None,
                  batch_size: int = 8, max_bytes: int = 512 << 20, bins: int = 2048,
-                 channels: bool = True, hist_limit: int | None = None) -> None:
+                 channels: bool = True, hist_limit: int | None = None,
+                 moments: bool = True) -> None:
         if bins < 2 or bins % 2:
             raise ValueError(f"bins must be an even number >= 2, not {bins}")
         if batch_size < 1 or max_bytes < 1:
             raise ValueError("batch_size and max_bytes must be positive")
+        if hist_limit is not None and hist_limit < 0:
+            raise ValueError(f"hist_limit must be >= 0 or None, not {hist_limit}")
+        self.moments = moments
         self._model, self._version = model, model.version
         self._calib = _require_calib(ctx, model)
         self._progress = getattr(ctx, "progress", lambda *a: None)
         self.batch_size, self.max_bytes, self.bins = batch_size, max_bytes, bins
         self.channels, self.hist_limit = channels, hist_limit
-        info = _infer(model, self._calib)
+        info = self._info = _infer(model, self._calib)
         self._dtypes = self._candidates(model, info)
         self._per_sample = self._sizes(info)
         self.values = self._select(values)
@@ -502,22 +393,32 @@ class Activations:
 
     # -- running ------------------------------------------------------------------------------
     def _collect(self) -> dict[str, ValueStats]:
+        if self.moments:
+            return self._collect_full(self.values)
+        stats, redo = self._collect_light(self.values)
+        if redo:
+            log.info("Activations: %d value(s) with non-finite elements measured in full: %s",
+                     len(redo), ", ".join(redo))
+            stats.update(self._collect_full(redo))
+        return {n: stats[n] for n in self.values}
+
+    def _collect_full(self, names: Sequence[str]) -> dict[str, ValueStats]:
         calib = self._calib
-        accs = {n: _Accumulator(n, self.bins, self.channels, self.hist_limit)
-                for n in self.values}
-        fed = [n for n in self.values if n in calib.arrays]  # graph inputs: no run needed
-        exposed = [n for n in self.values if n not in calib.arrays]
-        batch, self.groups = _plan(exposed, self._per_sample, self.max_bytes, self.batch_size,
-                                   calib.fixed_batch)
+        accs = {n: _Accumulator(n, self.bins, self.channels, self.hist_limit) for n in names}
+        fed = [n for n in names if n in calib.arrays]  # graph inputs: no run needed
+        exposed = [n for n in names if n not in calib.arrays]
+        batch, groups = _plan(exposed, self._per_sample, self.max_bytes, self.batch_size,
+                              calib.fixed_batch)
+        self.groups += groups
         for feeds in calib.batches(batch):
             for name in fed:
                 accs[name].update(feeds[name])
         runs_per_group = math.ceil(calib.num_samples / calib.samples_per_run(batch))
-        total, done = len(self.groups) * runs_per_group, 0
+        total, done = len(groups) * runs_per_group, 0
         with contextlib.ExitStack() as stack:
             exported = stack.enter_context(_OrtModel(self._model, self.INLINE_LIMIT)) \
-                if self.groups else None  # graph inputs alone need no export
-            for group in self.groups:
+                if groups else None  # graph inputs alone need no export
+            for group in groups:
                 session = exported.session(group, self._dtypes)  # type: ignore[union-attr]
                 for feeds in calib.batches(batch):
                     for name, arr in zip(group, self._run(session, group, feeds), strict=True):
@@ -525,8 +426,78 @@ class Activations:
                     done += 1
                     self._progress("activations", done, total)
         log.info("Activations: %d values over %d samples in %d group(s), %d runs",
-                 len(self.values), calib.num_samples, len(self.groups), self.runs)
-        return {n: accs[n].result() for n in self.values}
+                 len(names), calib.num_samples, len(groups), self.runs)
+        return {n: accs[n].result() for n in names}
+
+    def _collect_light(self, names: Sequence[str]) -> tuple[dict[str, ValueStats], list[str]]:
+        """Light statistics of ``names``, and the values with non-finite elements."""
+        calib = self._calib
+        accs = {n: _Extremes(n, self.bins, self.hist_limit, self.channels) for n in names}
+        bad: set[str] = set()
+        fed = [n for n in names if n in calib.arrays]
+        exposed = [n for n in names if n not in calib.arrays]
+        batch, groups = _plan(exposed, {n: self._light_bytes(n) for n in exposed},
+                              self.max_bytes, self.batch_size, calib.fixed_batch)
+        self.groups += groups
+        strides, ranks = self._light_outputs(exposed, batch)
+        for feeds in calib.batches(batch):
+            for name in fed:
+                if name not in bad and not accs[name].update_array(feeds[name]):
+                    bad.add(name)
+        runs_per_group = math.ceil(calib.num_samples / calib.samples_per_run(batch))
+        total, done = len(groups) * runs_per_group, 0
+        with contextlib.ExitStack() as stack:
+            exported = stack.enter_context(_OrtModel(self._model, self.INLINE_LIMIT)) \
+                if groups else None
+            for group in groups:
+                session, outputs = exported.light_session(  # type: ignore[union-attr]
+                    group, strides, ranks)
+                fetch = [o for name in group for o in outputs[name].values()]
+                for feeds in calib.batches(batch):
+                    got = iter(self._run(session, fetch, feeds))
+                    for name in group:
+                        parts = {role: next(got) for role in outputs[name]}
+                        if name not in bad and not accs[name].update(**parts):
+                            bad.add(name)
+                    done += 1
+                    self._progress("activations", done, total)
+        log.info("Activations: light statistics of %d values over %d samples in %d group(s), "
+                 "%d runs", len(names), calib.num_samples, len(groups), self.runs)
+        return {n: accs[n].result() for n in names}, [n for n in names if n in bad]
+
+    def _light_outputs(self, names: Sequence[str], batch: int
+                       ) -> tuple[dict[str, int], dict[str, int]]:
+        """What :meth:`_OrtModel.light_session` computes for ``names`` in runs of ``batch``.
+
+        Strides: the histogram sample stride of each value, from its static size in such a
+        run; 1 (the whole value) when that is unknown, ``hist_limit`` is None or the opset
+        has no ``Slice`` steps; none without histogram. Ranks: those (>= 2) of the values
+        whose per-channel means are computed, when ``channels``.
+        """
+        calib = self._calib
+        info = self._info if calib.samples_per_run(batch) == calib.samples_per_run(1) else \
+            _infer(self._model, calib, batch)
+        shapes = {n: info.get(n, (None, None))[1] for n in names}
+        ranks = {n: len(s) for n, s in shapes.items() if s is not None and len(s) >= 2} \
+            if self.channels else {}
+        if self.hist_limit == 0:
+            return {}, ranks
+        limit = self.hist_limit
+        sliced = limit is not None and _opset(self._model) >= 10
+        strides = {n: _stride(math.prod(s), limit)  # type: ignore[arg-type]
+                   if sliced and ir.shape_is_static(s) else 1 for n, s in shapes.items()}
+        return strides, ranks
+
+    def _light_bytes(self, name: str) -> float:
+        """Bytes per sample light statistics fetch of ``name`` (at most; for ``_plan``)."""
+        full = self._per_sample[name]
+        if self.hist_limit == 0:
+            return min(full, 64.0)
+        if self.hist_limit is None or _opset(self._model) < 10 or \
+                not ir.shape_is_static(self._info.get(name, (None, None))[1]):
+            return full  # the whole value is fetched
+        dtype = self._dtypes.get(name)
+        return min(full, 64 + self.hist_limit * (dtype.itemsize if dtype is not None else 8))
 
     def _run(self, session: Any, names: Sequence[str],
              feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .activations import ValueStats
+from .value_stats import ValueStats
 
 __all__ = ["calibrate", "get_calibrator", "list_calibrators", "register_calibrator",
            "unregister_calibrator"]
@@ -137,7 +137,7 @@ def _histogram(stats: ValueStats, drop_zeros: bool) -> tuple[np.ndarray, np.ndar
         edges[held[-1] + 1] = min(edges[held[-1] + 1], stats.max)
     if drop_zeros and edges[0] <= 0 <= edges[-1]:
         i = min(int(np.searchsorted(edges, 0.0, side="right")) - 1, len(counts) - 1)
-        counts[i] = max(counts[i] - round(stats.zero_fraction * stats.count), 0.0)
+        counts[i] = max(counts[i] - stats.hist_zeros, 0.0)  # zeros the histogram holds
     return edges, counts
 
 

@@ -171,7 +171,8 @@ def test_prune_from_the_command_line(tmp_path, capsys):
 def test_demo_prunes_the_bundled_cnn_without_losing_accuracy(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "demo"), "--json", "-q"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [s["name"] for s in data["steps"]] == ["simplify", "prune"]
+    assert [s["name"] for s in data["steps"]] == ["simplify", "prune", "quant"]
+    assert data["steps"][2]["stats"]["weights_quantized"] == 6
     assert data["after"]["params"] < data["before"]["params"] / 3
     assert data["accuracy"]["original"] == pytest.approx(357 / 360)
     assert data["accuracy"]["optimized"] >= 0.97

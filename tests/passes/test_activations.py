@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import numpy as np
@@ -17,7 +18,8 @@ from edgeopt.ir import EdgeoptError
 from edgeopt.passes import Context, PassManager, PassResult, register_pass, unregister_pass
 from edgeopt.passes.analyses import Activations, ValueStats
 from edgeopt.passes.analyses.activation_cache import ActivationCache
-from edgeopt.passes.analyses.activations import _GrowingHistogram
+from edgeopt.passes.analyses.calibrators import calibrate
+from edgeopt.passes.analyses.value_stats import _GrowingHistogram, _stride
 from edgeopt.passes.calib import CalibrationData, CalibrationError, load_calibration
 
 SAMPLES = 10
@@ -434,6 +436,154 @@ def test_cached_until_a_pass_modifies_the_model(setup):
         unregister_pass("test-activations-look")
 
 
+# -- light statistics (moments=False) ---------------------------------------------------------
+def with_opset(proto: onnx.ModelProto, opset: int) -> ir.Model:
+    """``conv_relu_gemm`` at another opset (a zero Gemm bias before 11, where it is needed)."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    proto.opset_import[0].version = opset
+    if opset < 11:
+        proto.graph.node[3].input.append("C")
+        proto.graph.initializer.append(numpy_helper.from_array(np.zeros(5, np.float32), "C"))
+    return ir.from_proto(proto)
+
+
+def ort_runs(proto: onnx.ModelProto, x: np.ndarray, names, batch: int) -> dict:
+    """Values from ONNX Runtime with all its optimizations (as light statistics run it)."""
+    import onnxruntime as ort
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n != "y")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    runs = [sess.run(list(names), {"x": x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return {n: [r[k] for r in runs] for k, n in enumerate(names)}
+
+
+def assert_light(s: ValueStats) -> None:
+    """What light statistics leave out."""
+    assert s.nonfinite == 0
+    assert math.isnan(s.mean) and math.isnan(s.mean_abs) and math.isnan(s.zero_fraction)
+    assert s.channel_mean_abs is None and s.channel_zero_fraction is None
+
+
+@pytest.mark.parametrize("opset", [9, 17])
+def test_light_min_max_and_count_are_exact_and_nothing_big_is_fetched(setup, opset):
+    proto, _, calib = setup
+    model = with_opset(proto, opset)  # opset 9 has no Slice steps: whole values, strided here
+    acts = analyse(model, calib, batch_size=5, channels=False, moments=False, hist_limit=50)
+    runs = ort_runs(proto, calib.arrays["x"], ["c", "r", "f", "y"], batch=5)
+    runs["x"] = [calib.arrays["x"][i:i + 5] for i in range(0, SAMPLES, 5)]
+    for name, parts in runs.items():
+        s = acts.stats[name]
+        flat = np.concatenate([p.ravel() for p in parts]).astype(np.float64)
+        assert (s.count, s.min, s.max, s.shape) == (flat.size, flat.min(), flat.max(),
+                                                    parts[0].shape)
+        assert_light(s)
+        assert s.channel_mean is None
+        # The histogram counts an even stride through each run, coprime with its size.
+        step = _stride(parts[0].size, 50)
+        assert step >= parts[0].size / 50 and math.gcd(step, parts[0].size) == 1
+        sample = np.concatenate([p.ravel()[::step] for p in parts]).astype(np.float64)
+        assert s.hist.sum() <= 50 * len(parts)
+        assert_histogram(s.hist, sample, s.hist_edges)
+        assert s.hist_zeros == np.count_nonzero(sample == 0)
+        assert s.hist_range[0] <= s.min and s.max <= s.hist_range[1]
+    assert 0.3 < acts.stats["r"].hist_zeros / acts.stats["r"].hist.sum() < 0.7
+    assert acts.runs == 2 and acts.groups == [["c", "r", "f", "y"]]
+    if opset == 17:  # min, max, shape and 50 samples per value
+        assert acts.peak_bytes <= 4 * (50 * 4 + 8 + 4 * 8)
+    else:
+        assert acts.peak_bytes >= 3 * 5 * BIG
+
+
+@pytest.mark.parametrize("opset", [13, 18])  # ReduceMean's axes: attribute, then input
+def test_light_channel_means_and_no_histogram(setup, opset):
+    proto, _, calib = setup
+    acts = analyse(with_opset(proto, opset), calib, batch_size=4, moments=False, hist_limit=0)
+    ref = reference(proto, calib.arrays["x"], ["c", "r", "f", "y"])
+    for name, arr in ref.items():
+        s = acts.stats[name]
+        assert_light(s)
+        assert (s.count, s.histogram, s.hist_zeros) == (arr.size, None, 0)
+        assert s.min == pytest.approx(arr.min(), rel=1e-5, abs=1e-5)
+        np.testing.assert_allclose(s.channel_mean, expected_stats(arr)["channel_mean"],
+                                   rtol=1e-5, atol=1e-5)
+    s = acts.stats["r"]
+    message = re.escape("value 'r' was measured without a histogram (hist_limit=0): only its "
+                        "min and max are known")
+    for read in (lambda: s.hist, lambda: s.hist_edges, lambda: s.percentile(50)):
+        with pytest.raises(ValueError, match=message):
+            read()
+    for method in ("mse", "entropy", "percentile"):
+        with pytest.raises(ValueError, match=message):
+            calibrate(s, method, qmin=0, qmax=255)
+    assert calibrate(s, "minmax", qmin=0, qmax=255) == (0.0, s.max)
+
+
+def test_light_statistics_without_histogram_limit_count_every_element(setup):
+    _, model, calib = setup
+    light = analyse(model, calib, batch_size=4, channels=False, moments=False)
+    full = analyse(model, calib, batch_size=4, channels=False)
+    for name in light.values:
+        a, b = light.stats[name], full.stats[name]
+        assert a.hist.sum() == a.count == b.count
+        assert a.hist_zeros == round(b.zero_fraction * b.count)
+        assert a.min == pytest.approx(b.min, rel=1e-6) and a.max == pytest.approx(b.max, rel=1e-6)
+
+
+@pytest.mark.parametrize("x, hist_limit, channels", [
+    ([[1, 1], [1, 1], [0, -1], [np.e, 1]], 0, False),  # -inf: ReduceMin passes it on
+    ([[1, 1], [1, 2], [np.e, 1], [1, -1]], None, False),  # NaN last: only the sample sees it
+    ([[1, 1], [1, 2], [np.e, 1], [1, -1]], 0, True),  # ... or the channel means
+])
+def test_light_values_with_nonfinite_elements_are_measured_in_full(x, hist_limit, channels,
+                                                                   caplog):
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2] x) => (float[N,2] y) { y = Log(x) }""")
+    data = CalibrationData.for_model({"x": np.array(x, np.float32)}, model)
+    with caplog.at_level(logging.INFO, logger="edgeopt.passes.analyses.activations"):
+        light = analyse(model, data, batch_size=2, moments=False, hist_limit=hist_limit,
+                        channels=channels).stats["y"]
+    assert "1 value(s) with non-finite elements measured in full: y" in caplog.text
+    full = analyse(model, data, batch_size=2, hist_limit=hist_limit, channels=channels)
+    s = full.stats["y"]
+    assert (light.count, light.nonfinite, light.min, light.max, light.mean) == \
+        (s.count, s.nonfinite, s.min, s.max, s.mean)  # measured in full: moments too
+    assert s.nonfinite >= 1 and s.count + s.nonfinite == 8 and s.min == 0.0
+
+
+def test_sample_stride_is_coprime_with_the_size():
+    assert _stride(1000, 2000) == 1 and _stride(1000, 1000) == 1
+    assert _stride(8 * 4 * 4, 32) == 5  # 4 would pick column 0 of every 4 x 4 map
+    columns = np.arange(8 * 4 * 4)[::_stride(8 * 4 * 4, 32)] % 4
+    assert set(columns.tolist()) == {0, 1, 2, 3}
+    for size in (7, 64, 150528, 802816, 2 ** 20, 3 * 5 * 7 * 11 * 13):
+        for limit in (1, 10, 1 << 14):
+            step = _stride(size, limit)
+            assert -(-size // step) <= limit and math.gcd(step, size) == 1
+
+
+@pytest.mark.parametrize("lo, span", [(1e6, 1e-3), (-3e5, 1.0), (0.0, 1e-30), (7.0, 1e4)])
+def test_binning_is_exact_far_from_zero(lo, span):
+    hist = _GrowingHistogram(2048)
+    hist.lo, hist.step, hist.started = lo, span / 2048, True
+    edges = hist.edges()
+    rng = np.random.default_rng(8)
+    probe = np.concatenate([edges, np.nextafter(edges, np.inf), np.nextafter(edges, -np.inf),
+                            rng.uniform(edges[0], edges[-1], 1000)])
+    probe = probe[(probe >= edges[0]) & (probe <= edges[-1])]
+    want = np.clip(np.searchsorted(edges, probe, side="right") - 1, 0, 2047)
+    np.testing.assert_array_equal(hist._bin(probe), want)
+
+
+def test_histogram_limit_must_not_be_negative(setup):
+    _, model, calib = setup
+    with pytest.raises(ValueError, match=re.escape("hist_limit must be >= 0 or None, not -1")):
+        analyse(model, calib, hist_limit=-1)
+
+
 # -- ActivationCache ------------------------------------------------------------------------
 def cache(model: ir.Model, calib, samples: int = SAMPLES, **params) -> ActivationCache:
     return ActivationCache(model, Context(calib=calib), samples, **params)
@@ -567,3 +717,37 @@ def test_cache_unknown_values_and_runtime_failures(setup):
             "ActivationCache: ONNX Runtime failed on the calibration data from mine.npz: "
             "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input data type.")):
         c.get(["c"])
+
+
+def test_cache_copies_only_the_nodes_a_request_runs(setup, monkeypatch):
+    from edgeopt.passes.analyses import activation_cache
+
+    _, model, calib = setup
+    exported = []
+
+    class Spy(activation_cache._OrtModel):
+        def __init__(self, sub, limit):
+            exported.append(([n.op_type for n in sub.graph], sorted(sub.graph.initializers),
+                             [v.name for v in sub.graph.inputs]))
+            super().__init__(sub, limit)
+
+    monkeypatch.setattr(activation_cache, "_OrtModel", Spy)
+    c = cache(model, calib)
+    c.get(["c"])
+    got = c.get(["y"])["y"]
+    assert exported == [(["Conv"], ["B", "W"], ["x"]),
+                        (["Relu", "Flatten", "Gemm"], ["G"], ["c"])]
+    ref = reference(conv_relu_gemm(), calib.arrays["x"], ["y"])["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_computes_a_cached_value_whose_producer_runs_anyway():
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4] x) => (float[N,2] z) { a, b = Split <axis = 1> (x)
+                                             s = Relu(a)
+                                             z = Add(s, b) }""")
+    x = np.random.default_rng(9).standard_normal((6, 4)).astype(np.float32)
+    c = cache(model, CalibrationData.for_model({"x": x}, model), 6)
+    np.testing.assert_array_equal(c.get(["a"])["a"], x[:, :2])
+    got = c.get(["z"])["z"]  # 'a' is cached, but the Split runs for 'b'
+    np.testing.assert_array_equal(got, np.maximum(x[:, :2], 0) + x[:, 2:])

@@ -16,13 +16,13 @@ import pytest
 
 from edgeopt.ir import DataType
 from edgeopt.ir.quant import dequantize, params_from_range, quantize, type_range
-from edgeopt.passes.analyses.activations import _Accumulator
 from edgeopt.passes.analyses.calibrators import (
     calibrate,
     list_calibrators,
     register_calibrator,
     unregister_calibrator,
 )
+from edgeopt.passes.analyses.value_stats import _Accumulator
 
 METHODS = ["entropy", "minmax", "mse", "percentile"]
 INT8 = DataType.INT8

@@ -73,6 +73,9 @@ PATTERNS = {
     "depthwise": _pattern("t = Conv <group = 4, pads = [1, 1, 1, 1]> (x, w, b)",
                           "float[1,4,8,8] x, float[4,1,3,3] w, float[4] b",
                           {"w": _w(4, 1, 3, 3), "b": _w(4)}),
+    "convtranspose": _pattern(
+        "t = ConvTranspose <strides = [2, 2], kernel_shape = [2, 2]> (x, w, b)",
+        "float[1,4,4,4] x, float[4,6,2,2] w, float[6] b", {"w": _w(4, 6, 2, 2), "b": _w(6)}),
     "gemm": _pattern("t = Gemm <transB = 1> (x, w, b)", "float[2,16] x, float[8,16] w, float[8] b",
                      {"w": _w(8, 16), "b": _w(8)}),
     "matmul": _pattern("t = MatMul(x, w)", "float[2,16] x, float[16,8] w", {"w": _w(16, 8)}),
@@ -89,6 +92,8 @@ PATTERNS = {
 }
 
 #: ONNX Runtime's integer kernels that must replace the float op.
+#: (ConvTranspose has none in ONNX Runtime's CPU QDQ fusions: it runs float on dequantized
+#: values there; its weights are still stored in int8, and the C backend runs it in int8.)
 INT_KERNELS = {"conv_relu": "QLinearConv", "conv_relu6": "QLinearConv", "depthwise": "QLinearConv",
                "gemm": "QGemm", "matmul": "QLinearMatMul", "matmul_acts": "QLinearMatMul",
                "add": "QLinearAdd", "mul": "QLinearMul", "concat": "QLinearConcat",
@@ -197,6 +202,39 @@ def test_sigmoid_output_has_the_fixed_zero_to_one_range():
     sig = next(n for n in q.graph if n.op_type == "Sigmoid")
     lo, hi = ir.quant_params(sig.outputs[0]).range()
     assert float(lo) == 0.0 and float(hi) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("spec, hist_limit", [
+    ("quant:int8,calibrator=minmax,bias_correction=false", 0),
+    ("quant:int8,bias_correction=false", 1 << 15),
+])
+def test_calibration_statistics_are_light_and_minmax_ranges_exact(spec, hist_limit,
+                                                                  monkeypatch):
+    from edgeopt.ir.quant import params_from_range
+    from edgeopt.passes.analyses.activations import Activations
+
+    requested = []
+    init = Activations.__init__
+
+    def spy(self, model, ctx, **params):
+        requested.append(params)
+        init(self, model, ctx, **params)
+
+    monkeypatch.setattr(Activations, "__init__", spy)
+    text, weights = PATTERNS["gemm"]
+    model = build_model(text, weights)
+    calib = calib_for(model)
+    t = np.concatenate([run_ort(ir.to_proto(model), {"x": x})[0]  # y = Identity(t)
+                        for x in calib.arrays["x"].reshape(-1, 2, 16)])  # static batch 2
+    quantize_model(model, spec, calib)
+    assert [(p["moments"], p["hist_limit"], p["channels"]) for p in requested] == \
+        [(False, hist_limit, False)]
+    if hist_limit == 0:
+        dq = model.graph.outputs[0].producer().inputs[0]  # Identity reads DQ(t)
+        got = ir.quant_params(dq.producer().inputs[0].producer().inputs[0])
+        want = params_from_range(t.min(), t.max(), ir.DataType.UINT8)
+        assert (float(got.scale), int(got.zero_point)) == \
+            (pytest.approx(float(want.scale), rel=1e-6), int(want.zero_point))
 
 
 # -- whole networks ----------------------------------------------------------------------------
@@ -385,3 +423,23 @@ def test_cli_layer_table_shows_int8_weights_and_what_stayed_float(tmp_path, caps
     assert "quant sensitivity / kept float" in out
     assert re.search(r"/head/head.5/Gemm +Gemm .* float->int8 +\d", out)
     assert "float (target cos:0.99995)" in out
+
+
+def test_division_by_a_constant_is_quantized_as_a_product(tmp_path):
+    """Hard-swish's ``/ 6`` (MobileNetV3, PP-OCR cls): no integer Div exists, Mul has one."""
+    text = HEADER + """g (float[1,4,8,8] x, float[8,4,3,3] w, float[8] b, float six) => (float y) {
+      c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+      d = Div(c, six)
+      t = Mul(d, c)
+      y = Identity(t)
+    }"""
+    weights = {"w": _w(8, 4, 3, 3), "b": _w(8), "six": np.float32(6)}
+    q = build_model(text, weights)
+    step = quantize_model(q)
+    assert step.stats["divisions_to_products"] == 1
+    assert "Div" not in [n.op_type for n in q.graph]
+    assert optimized_ops(q, tmp_path)["QLinearMul"] == 2
+    x = calib_for(q, n=1, seed=4).arrays
+    want = run_ort(ir.to_proto(build_model(text, weights)), x)[0]
+    got = run_ort(ir.to_proto(q), x)[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
