@@ -86,8 +86,8 @@ class _Rewrite:
         base = value.name
         s = add_constant(graph, self.names, f"{base}_scale", as_tensor(qp.scale))
         z = self.zero_point(qp)
-        qv = Value(self.names.fresh(f"{base}_quantized"), qp.dtype, value.shape)
-        out = Value(self.names.fresh(f"{base}_dequantized"), DataType.FLOAT, value.shape)
+        qv = Value(self.names.fresh(f"{base}_quantized"), qp.dtype)
+        out = Value(self.names.fresh(f"{base}_dequantized"), DataType.FLOAT)
         q = Node("QuantizeLinear", (value, s, z), outputs=(qv,))
         d = Node("DequantizeLinear", (qv, s, z), outputs=(out,))
         producer = value.producer()
