@@ -106,10 +106,15 @@ class QuantParams:
 
 
 def quantize(x: np.ndarray, qp: QuantParams) -> np.ndarray:
-    """ONNX ``QuantizeLinear``: ``saturate(round_half_even(x / scale) + zero_point)``."""
-    x = np.asarray(x, np.float32)
+    """ONNX ``QuantizeLinear``: ``saturate(round_half_even(x / scale) + zero_point)``.
+
+    In float32, as QuantizeLinear computes, except for int32 (biases), whose quotients need
+    more than float32's 24 bits of mantissa: there the arithmetic is float64.
+    """
+    ftype = np.float64 if qp.dtype == DataType.INT32 else np.float32
+    x = np.asarray(x, ftype)
     scale, zp = qp.broadcast(x.ndim)
-    q = np.rint(x / scale) + zp.astype(np.float32)
+    q = np.rint(x / scale.astype(ftype)) + zp.astype(ftype)
     return np.clip(q, qp.qmin, qp.qmax).astype(_NUMPY[qp.dtype])
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from edgeopt.ir import ArrayTensor, Model, Node, Tensor, Value
 
 from ._base import Context
-from ._util import NameGen, replace_constant_input
+from ._util import NameGen, levels, replace_constant_input
 from .analyses.activation_cache import ActivationCache
 from .analyses.activations import Activations
 from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record, node_name
@@ -297,24 +297,6 @@ def recover_prepare(model: Model, ctx: Context, consumers: list[Consumer], keep:
     return reports
 
 
-def _levels(model: Model, consumers: list[Consumer]) -> list[list[Consumer]]:
-    """Consumers grouped by how many other consumers lie upstream of their input.
-
-    Those of one level can be refit together, once the levels before them are refit.
-    """
-    index = {id(c.node): c for c in consumers}
-    depth: dict[str, int] = {}
-    levels: dict[int, list[Consumer]] = defaultdict(list)
-    for node in model.graph:
-        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
-        if id(node) in index:
-            levels[d].append(index[id(node)])
-            d += 1
-        for out in node.outputs:
-            depth[out.name] = d
-    return [levels[k] for k in sorted(levels)]
-
-
 def recover_sequential(model: Model, ctx: Context, original: Model, consumers: list[Consumer],
                        keep: Keep, samples: int) -> list[dict]:
     """Least-squares refit of every consumer, level by level, on the pruned model's inputs.
@@ -334,7 +316,7 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
     ref_x = ActivationCache(original, ctx, samples, max_bytes=ref.max_bytes // 2)
     now_x = ActivationCache(model, ctx, samples, max_bytes=ref.max_bytes // 2)
     reports = []
-    for level in _levels(model, [c for c, _ in lost]):
+    for level in levels(model.graph, [c for c, _ in lost], lambda c: c.node):
         names = list(dict.fromkeys(c.input for c in level))
         for chunk in _chunks(ref, names, samples, factor=2):
             xs = ref_x.get(chunk)

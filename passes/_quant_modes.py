@@ -21,9 +21,18 @@ from typing import Literal
 import numpy as np
 
 from edgeopt.ir import DataType, Model, Node, QuantParams, Tensor, Value
-from edgeopt.ir.quant import params_from_range, quantize
+from edgeopt.ir.quant import quantize, weight_params
 
-from ._util import NameGen, add_constant, as_tensor, constant_tensor, default_opset, substitute
+from ._quant_plan import weight_axis
+from ._util import (
+    NameGen,
+    add_constant,
+    as_tensor,
+    constant_tensor,
+    default_opset,
+    earliest,
+    substitute,
+)
 
 __all__ = ["convert_fp16", "quantize_dynamic", "quantize_weights"]
 
@@ -45,20 +54,6 @@ def _keep_all(node: Node) -> bool:
 
 
 # -- which weights ------------------------------------------------------------------------
-def _channel_axis(node: Node, rank: int) -> int | None:
-    """The output-channel axis of ``node``'s weight (input 1), or None if it has none."""
-    op = node.op_type
-    if op == "Conv" and rank >= 3:
-        return 0
-    if op == "ConvTranspose" and rank >= 3:
-        return 1
-    if op == "Gemm" and rank == 2:
-        return 0 if node.attr("transB", 0) else 1
-    if op == "MatMul" and rank >= 2:
-        return rank - 1
-    return None
-
-
 @dataclass
 class _Weight:
     """A constant float32 weight and the nodes reading it (all as input 1)."""
@@ -69,7 +64,7 @@ class _Weight:
 
     def axis(self, per_channel: bool) -> int | None:
         """The common channel axis of the readers; None for per-tensor."""
-        axes = {_channel_axis(n, len(self.tensor.shape)) for n in self.readers}
+        axes = {weight_axis(n, len(self.tensor.shape)) for n in self.readers}
         return axes.pop() if per_channel and len(axes) == 1 else None
 
 
@@ -101,21 +96,6 @@ def _is_weighted_op(node: Node) -> bool:
 
 
 # -- shared arithmetic and rewiring ---------------------------------------------------------
-def _symmetric(arr: np.ndarray, dtype: DataType, axis: int | None) -> QuantParams:
-    """Symmetric parameters covering ``arr`` (per channel along ``axis``)."""
-    if axis is None:
-        m = np.abs(arr).max(initial=0.0)
-    else:
-        m = np.abs(np.moveaxis(arr, axis, 0)).reshape(arr.shape[axis], -1).max(axis=1, initial=0.0)
-    return params_from_range(-m, m, dtype, symmetric=True, axis=axis)
-
-
-def _first_reader(readers: list[Node]) -> Node:
-    graph = readers[0].graph
-    assert graph is not None
-    return next(n for n in graph if n in readers)
-
-
 def _new(names: NameGen, base: str, dtype: DataType, shape: object = None) -> Value:
     return Value(names.fresh(base), dtype, shape)  # type: ignore[arg-type]
 
@@ -213,9 +193,9 @@ def quantize_weights(model: Model, *, per_channel: bool = True, skip: Skip = _ke
     stats, names = _Stats(), NameGen(model)
     for w in _weights(model, _is_weighted_op, skip):
         arr = np.asarray(w.tensor.numpy(), np.float32)
-        qp = _symmetric(arr, DataType.INT8, w.axis(per_channel))
+        qp = weight_params(arr, w.axis(per_channel))
         nodes, tensors = _dequantizer(model, names, w, qp, quantize(arr, qp), form)
-        model.graph.insert_before(_first_reader(w.readers), nodes)
+        model.graph.insert_before(earliest(w.readers), nodes)
         _retire(w.value, nodes[-1].outputs[0])
         stats.add(w, tensors)
         stats.nodes += len(w.readers)
@@ -264,8 +244,8 @@ def _int_weight(model: Model, names: NameGen, w: _Weight, per_channel: bool) -> 
     conv = w.readers[0].op_type == "Conv"
     if _trans_b(w.readers[0]):
         arr = np.ascontiguousarray(arr.T)
-    qp = _symmetric(arr, DataType.UINT8 if conv else DataType.INT8,
-                    (0 if conv else 1) if per_channel else None)
+    qp = weight_params(arr, (0 if conv else 1) if per_channel else None,
+                       DataType.UINT8 if conv else DataType.INT8)
     zp, scale = qp.zero_point, qp.scale
     if conv:  # symmetric uint8: every zero point is 128; scales along the output's axis 1
         zp = zp.reshape(-1)[:1].reshape(())
@@ -442,7 +422,7 @@ def convert_fp16(model: Model, *, skip: Skip = _keep_all) -> dict[str, int]:
         out = _new(names, f"{value.name}_float32", DataType.FLOAT, t.shape)
         src = add_constant(graph, names, f"{value.name}_fp16", half)
         cast = Node("Cast", [src], {"to": int(DataType.FLOAT)}, outputs=[out], name=out.name)
-        graph.insert_before(_first_reader([u.node for u in value.uses()]), cast)
+        graph.insert_before(earliest(u.node for u in value.uses()), cast)
         _retire(value, out)
         stats.add(_Weight(value, t), [half])
     return {"tensors_converted": stats.weights, "tensors_out_of_range": out_of_range,

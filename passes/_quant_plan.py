@@ -37,7 +37,8 @@ from edgeopt.ir import DataType, Model, Node, Value
 
 from ._util import constant_tensor, is_default_domain
 
-__all__ = ["RULES", "OpRule", "QuantPlan", "plan_static"]
+__all__ = ["RULES", "OpRule", "QuantPlan", "clip_bounds", "excluded", "node_label", "plan_static",
+           "weight_axis"]
 
 FLOATS = (DataType.FLOAT, DataType.FLOAT16)
 
@@ -47,35 +48,60 @@ class OpRule:
     """How one operator type is quantized.
 
     Attributes:
-        acts: input indices read as quantized activations (constants among them are
-            quantized per tensor); ``None``: every input.
-        weight: input index of a constant weight, quantized per channel (or None).
-        weight_axis: the weight's output-channel axis; a callable of the node for Gemm.
+        acts: input indices read as quantized activations; ``None``: every input.
+        weight: input index of a constant weight, quantized per output channel (see
+            :func:`weight_axis`). Required, unless the index is also in ``acts``: then a
+            non-constant one is an activation (MatMul of two activations).
         bias: input index of a bias quantized to int32 with ``x_scale * w_scale``.
+        const_inputs: float constants among the inputs are quantized per tensor (Add, Mul).
         output: ``own``, ``shared`` or ``fixed``.
         fixed: the known output range of ``fixed`` operators.
     """
 
     acts: tuple[int, ...] | None = (0,)
     weight: int | None = None
-    weight_axis: object = 0
     bias: int | None = None
+    const_inputs: bool = False
     output: str = "own"
     fixed: tuple[float, float] | None = None
 
+    def weight_required(self) -> bool:
+        """Whether the operator is quantized only with a constant weight."""
+        return self.weight is not None and self.acts is not None \
+            and self.weight not in self.acts
 
-def _gemm_axis(node: Node) -> int:
-    return 0 if node.attr("transB", 0) else 1
+
+def weight_axis(node: Node, rank: int) -> int | None:
+    """The output-channel axis of ``node``'s weight (input 1), or None if it has none.
+
+    Conv ``[M, C/g, k...]``: 0; ConvTranspose ``[C, M/g, k...]``: 1; Gemm: 0 with
+    ``transB``, else 1; MatMul ``[..., K, N]``: the last.
+    """
+    op = node.op_type
+    if op == "Conv" and rank >= 3:
+        return 0
+    if op == "ConvTranspose" and rank >= 3:
+        return 1
+    if op == "Gemm" and rank == 2:
+        return 0 if node.attr("transB", 0) else 1
+    if op == "MatMul" and rank >= 2:
+        return rank - 1
+    return None
+
+
+def excluded(node: Node, patterns: tuple[str, ...]) -> bool:
+    """Whether ``node``'s label matches one of the fnmatch ``patterns``."""
+    return any(fnmatch.fnmatchcase(node_label(node), p) for p in patterns)
 
 
 _SHARED = OpRule(output="shared")
 RULES: dict[str, OpRule] = {
     "Conv": OpRule(weight=1, bias=2),
-    "ConvTranspose": OpRule(weight=1, weight_axis=1, bias=2),
-    "Gemm": OpRule(weight=1, weight_axis=_gemm_axis, bias=2),
-    "MatMul": OpRule(acts=(0, 1), weight=1, weight_axis=-1),
-    "Add": OpRule(acts=None),
-    "Mul": OpRule(acts=None),
+    "ConvTranspose": OpRule(weight=1, bias=2),
+    "Gemm": OpRule(weight=1, bias=2),
+    "MatMul": OpRule(acts=(0, 1), weight=1),
+    "Add": OpRule(acts=None, const_inputs=True),
+    "Mul": OpRule(acts=None, const_inputs=True),
     "AveragePool": OpRule(),
     "GlobalAveragePool": OpRule(),
     "LeakyRelu": OpRule(),
@@ -159,24 +185,26 @@ def _is_float_act(value: Value | None, model: Model) -> bool:
         and constant_tensor(value, model) is None
 
 
-def _clamp_of(node: Node, model: Model) -> tuple[float, float] | None:
-    """``[lo, hi]`` of a Relu or Clip that can be fused (lower bound 0), else None."""
+def clip_bounds(node: Node, model: Model) -> tuple[float, float] | None:
+    """``(lo, hi)`` a Relu or Clip clamps to (None: a bound that is not a constant scalar)."""
     if node.op_type == "Relu":
         return 0.0, float("inf")
-    lo = hi = None
     if "min" in node.attrs or "max" in node.attrs:  # opset < 11
-        lo, hi = node.attr("min", -np.inf), node.attr("max", np.inf)
-    else:
-        bounds = []
-        for i in (1, 2):
-            v = node.inputs[i] if len(node.inputs) > i else None
-            t = constant_tensor(v, model)
-            if v is not None and t is None:
-                return None
-            bounds.append(None if t is None else float(np.asarray(t.numpy()).ravel()[0]))
-        lo = -np.inf if bounds[0] is None else bounds[0]
-        hi = np.inf if bounds[1] is None else bounds[1]
-    return (0.0, float(hi)) if lo == 0.0 and hi > 0 else None
+        return float(node.attr("min", -np.inf)), float(node.attr("max", np.inf))
+    bounds = []
+    for i, default in ((1, -np.inf), (2, np.inf)):
+        v = node.inputs[i] if len(node.inputs) > i else None
+        t = constant_tensor(v, model)
+        if v is not None and (t is None or t.size != 1):
+            return None
+        bounds.append(default if t is None else float(np.asarray(t.numpy()).ravel()[0]))
+    return bounds[0], bounds[1]
+
+
+def _clamp_of(node: Node, model: Model) -> tuple[float, float] | None:
+    """``[0, hi]`` of a Relu or Clip that can be fused (lower bound 0), else None."""
+    b = clip_bounds(node, model)
+    return (0.0, b[1]) if b is not None and b[0] == 0.0 and b[1] > 0 else None
 
 
 def _why_not(node: Node, model: Model, rule: OpRule | None, exclude: tuple[str, ...],
@@ -184,7 +212,7 @@ def _why_not(node: Node, model: Model, rule: OpRule | None, exclude: tuple[str, 
     """Why ``node`` is not quantized ('' if it can be)."""
     if rule is None or not is_default_domain(node):
         return "operator not quantized"
-    if any(fnmatch.fnmatchcase(node_label(node), p) for p in exclude):
+    if excluded(node, exclude):
         return "excluded"
     why = keep_float(node)
     if why:
@@ -192,8 +220,8 @@ def _why_not(node: Node, model: Model, rule: OpRule | None, exclude: tuple[str, 
     if node.op_type == "Gemm" and (node.attr("transA", 0) or node.attr("alpha", 1.0) != 1.0
                                    or node.attr("beta", 1.0) != 1.0):
         return "Gemm with transA, alpha or beta"
-    if rule.weight is not None and node.op_type != "MatMul":
-        w = node.inputs[rule.weight] if len(node.inputs) > rule.weight else None
+    if rule.weight_required():
+        w = node.inputs[rule.weight] if len(node.inputs) > rule.weight else None  # type: ignore[operator]
         if constant_tensor(w, model) is None:
             return "weight is not a constant"
     if not all(o.dtype in FLOATS for o in node.outputs[:1]):
@@ -203,8 +231,6 @@ def _why_not(node: Node, model: Model, rule: OpRule | None, exclude: tuple[str, 
 
 def _act_inputs(node: Node, rule: OpRule, model: Model) -> list[Value]:
     idx = range(len(node.inputs)) if rule.acts is None else rule.acts
-    if node.op_type in ("Reshape", "Resize", "Slice", "Squeeze", "Unsqueeze", "Clip"):
-        idx = (0,)
     out = []
     for i in idx:
         v = node.inputs[i] if i < len(node.inputs) else None
@@ -225,7 +251,7 @@ def _fusable_after(node: Node, model: Model, exclude: tuple[str, ...]) -> Node |
     if act.op_type not in FUSABLE or not is_default_domain(act) or uses[0].index != 0 \
             or act.outputs[0].is_graph_output():
         return None
-    if any(fnmatch.fnmatchcase(node_label(act), p) for p in exclude):
+    if excluded(act, exclude):
         return None
     return act if _clamp_of(act, model) is not None else None
 
@@ -266,7 +292,7 @@ def plan_static(model: Model, exclude: tuple[str, ...] = (),
         plan.nodes.append(node)
         for v in acts:
             plan.tensors.setdefault(v.name, v)
-        if node.op_type in ("Add", "Mul"):
+        if rule.const_inputs:
             plan.consts.update((id(v), v) for v in node.inputs
                                if v is not None and v.dtype in FLOATS
                                and constant_tensor(v, model) is not None)

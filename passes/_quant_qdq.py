@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeopt.ir import Attr, DataType, Model, Node, QuantParams, Value
-from edgeopt.ir.quant import params_from_range, quantize, type_range, weight_params
+from edgeopt.ir import Attr, DataType, Graph, Model, Node, QuantParams, Value
+from edgeopt.ir.quant import params_from_range, quantize, weight_params
 
-from ._quant_plan import RULES, QuantPlan, node_label
-from ._util import NameGen, add_constant, as_tensor, constant_tensor
+from ._quant_plan import RULES, QuantPlan, node_label, weight_axis
+from ._util import NameGen, add_constant, as_tensor, constant_tensor, earliest
 
 __all__ = ["FLOAT_WEIGHT", "apply_qdq"]
 
@@ -47,10 +47,8 @@ class _Rewrite:
 
     def dq(self, base: str, q: np.ndarray, qp: QuantParams, anchor: Node | None) -> Value:
         """``DequantizeLinear`` of the constant ``q``, placed before ``anchor``."""
-        graph = self.model.graph
-        qv = add_constant(graph, self.names, f"{base}_quantized", as_tensor(q))
-        out = self._dq_node(qv, qp, base, anchor)
-        return out
+        qv = add_constant(self.model.graph, self.names, f"{base}_quantized", as_tensor(q))
+        return self._dq_node(qv, qp, base, anchor)
 
     def _dq_node(self, x: Value, qp: QuantParams, base: str, anchor: Node | None) -> Value:
         """A DequantizeLinear of ``x``; an int32 zero point of 0 is left implicit.
@@ -103,18 +101,19 @@ class _Rewrite:
         return q, d
 
     # -- weights and biases --------------------------------------------------------------------
-    def weight(self, node: Node, index: int, axis: int | None) -> QuantParams | None:
+    def weight(self, node: Node, index: int) -> QuantParams | None:
+        """Quantize ``node``'s constant weight (once per weight and axis); its parameters."""
         value = node.inputs[index]
         t = constant_tensor(value, self.model)
         if value is None or t is None:
             return None
         w = np.asarray(t.numpy(), np.float32)
-        if axis is not None and (w.ndim < 2 or not self.per_channel):
-            axis = None
+        axis = weight_axis(node, w.ndim) if self.per_channel else None
         key = (id(value), axis)
         if key not in self._weights:
             qp = weight_params(w, axis)
-            out = self.dq(value.name, quantize(w, qp), qp, _first_reader(value, node))
+            out = self.dq(value.name, quantize(w, qp), qp, earliest(u.node for u in value.uses()
+                                                                  if u.node.graph is node.graph))
             out.producer().meta[FLOAT_WEIGHT] = t  # type: ignore[union-attr]
             self._weights[key] = (out, qp)
             self.stats["weights_quantized"] += 1
@@ -125,6 +124,7 @@ class _Rewrite:
         return qp
 
     def bias(self, node: Node, index: int, x_scale: np.ndarray, w: QuantParams) -> None:
+        """Quantize ``node``'s constant bias to int32 with scale ``x_scale * w_scale``."""
         value = node.inputs[index] if index < len(node.inputs) else None
         t = constant_tensor(value, self.model)
         if value is None or t is None:
@@ -135,13 +135,10 @@ class _Rewrite:
             b = b.reshape(-1)
         if b.ndim != 1 or (n is not None and len(b) != n):
             return
-        scale = (x_scale.astype(np.float32) * w.scale).astype(np.float32)
-        if scale.ndim == 0:
-            scale = np.full(len(b), scale, np.float32)
-        lo, hi = type_range(DataType.INT32)
-        q = np.clip(np.rint(b / scale.astype(np.float64)), lo, hi).astype(np.int32)
+        scale = np.broadcast_to((x_scale.astype(np.float32) * w.scale).astype(np.float32),
+                                b.shape)
         qp = QuantParams(scale, np.zeros(len(b), np.int32), DataType.INT32, 0)
-        node.set_input(index, self.dq(value.name, q, qp, node))
+        node.set_input(index, self.dq(value.name, quantize(b, qp), qp, node))
         self.stats["biases_quantized"] += 1
 
     def constant(self, node: Node, value: Value, dtype: DataType) -> None:
@@ -155,19 +152,11 @@ class _Rewrite:
                 node.set_input(i, out)
 
 
-def _first_reader(value: Value, fallback: Node) -> Node:
-    """The reader of ``value`` that comes first in graph order (where a shared DQ goes)."""
-    graph = fallback.graph
-    assert graph is not None
-    readers = {id(u.node) for u in value.uses() if u.node.graph is graph}
-    return next((n for n in graph if id(n) in readers), fallback)
-
-
-def _place(graph: object, node: Node, anchor: Node | None) -> None:
+def _place(graph: Graph, node: Node, anchor: Node | None) -> None:
     if anchor is None:
-        graph.append(node)  # type: ignore[attr-defined]
+        graph.append(node)
     else:
-        graph.insert_before(anchor, [node])  # type: ignore[attr-defined]
+        graph.insert_before(anchor, [node])
 
 
 def _fuse(rw: _Rewrite, act: Node, source: Value, q: Node, qp: QuantParams,
@@ -195,8 +184,7 @@ def apply_qdq(model: Model, plan: QuantPlan, params: dict[str, QuantParams],
     for node in plan.nodes:
         rule = RULES[node.op_type]
         if rule.weight is not None and rule.weight < len(node.inputs):
-            axis = rule.weight_axis(node) if callable(rule.weight_axis) else rule.weight_axis
-            wq = rw.weight(node, rule.weight, axis)  # type: ignore[arg-type]
+            wq = rw.weight(node, rule.weight)
             x = node.inputs[0]
             if wq is not None and rule.bias is not None and x is not None and x.name in params:
                 rw.bias(node, rule.bias, params[x.name].scale, wq)

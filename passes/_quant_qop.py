@@ -28,7 +28,9 @@ import numpy as np
 from edgeopt.ir import Attr, DataType, Model, Node, QuantParams, Value, quant_params
 from edgeopt.ir.quant import quantize
 
+from ._quant_plan import clip_bounds
 from ._util import NameGen, add_constant, as_tensor, constant_tensor, default_opset, substitute
+from .dce import remove_unused_initializers
 
 __all__ = ["MS_DOMAIN", "lower_to_qoperator"]
 
@@ -185,20 +187,6 @@ def _bias(e: _Emit, qt: _QT, want: np.ndarray, n: int | None, factor: float = 1.
     return e.const(f"{qt.value.name}_rescaled", q.astype(np.int32))
 
 
-def _bounds(node: Node, cx: _Cx) -> tuple[float, float] | None:
-    """The ``(lo, hi)`` a Relu or Clip clamps to (None: bounds that are not constant)."""
-    if node.op_type == "Relu":
-        return 0.0, np.inf
-    if cx.opset < 11:
-        return node.attr("min", -np.inf), node.attr("max", np.inf)
-    ins = (*node.inputs, None, None)
-    lo, hi = (cx.const(v) if v is not None else np.float32(d)
-              for v, d in ((ins[1], -np.inf), (ins[2], np.inf)))
-    if lo is None or hi is None or lo.size != 1 or hi.size != 1:
-        return None
-    return float(lo.ravel()[0]), float(hi.ravel()[0])
-
-
 def _quantized_bounds(bounds: tuple[float, float], p: QuantParams) -> tuple[int, int]:
     with np.errstate(over="ignore", invalid="ignore"):
         q = quantize(np.array(bounds, np.float32), p)
@@ -211,7 +199,7 @@ def _clamps(node: Node, cx: _Cx, p: QuantParams) -> bool:
     Q is monotone, so ``Q(clip(x, lo, hi)) == clip(Q(x), Q(lo), Q(hi))``: ``Q(x)`` exactly
     when ``Q(lo)`` is ``qmin`` and ``Q(hi)`` is ``qmax``.
     """
-    bounds = _bounds(node, cx)
+    bounds = clip_bounds(node, cx.model)
     return bounds is not None and _quantized_bounds(bounds, p) == (p.qmin, p.qmax)
 
 
@@ -302,7 +290,7 @@ def _concat(e: _Emit, isl: _Island) -> list[Value] | None:
 def _clamp(e: _Emit, isl: _Island) -> list[Value] | None:
     """Relu/Clip between quantized tensors: nothing, an integer Clip, or a table lookup."""
     x, y = isl.x, isl.y
-    bounds = _bounds(isl.node, e.cx)
+    bounds = clip_bounds(isl.node, e.cx.model)
     if bounds is None or not _activations(isl, x):
         return None
     if _same(x.params, y.params):
@@ -493,21 +481,13 @@ def _commit(isl: _Island, emit: _Emit, new: list[Value], cx: _Cx) -> None:
         if not out.uses() and not out.is_graph_output():
             graph.remove(dq)
             cx.stats["qdq_removed"] += 1
-    _drop_unread_initializers(read, cx)
+    remove_unused_initializers(cx.graph, cx.model, read)
     if any(n.domain == MS_DOMAIN for n in emit.nodes):
         cx.model.opset_imports.setdefault(MS_DOMAIN, 1)
     cx.stats["activations_absorbed"] += len(isl.tail) + (not emit.nodes)
     for node in emit.nodes:
         qlinear = node.op_type.startswith("QLinear") or node.op_type == "QGemm"
         cx.stats["qlinear_nodes" if qlinear else "integer_nodes"] += 1
-
-
-def _drop_unread_initializers(values: list[Value | None], cx: _Cx) -> None:
-    """Remove the initializers among ``values`` that nothing reads any more."""
-    for v in dict.fromkeys(values):
-        if v is not None and v.is_initializer() and v.graph is cx.graph and not v.uses() \
-                and not v.is_graph_input() and not v.is_graph_output():
-            del cx.graph.initializers[v.name]
 
 
 def _lower(node: Node, cx: _Cx) -> None:
@@ -562,7 +542,7 @@ def _activations_to_uint8(cx: _Cx) -> None:
         old = [(*n.inputs, None)[2] for n in nodes]
         for n in nodes:
             n.set_inputs([*n.inputs[:2], zero_points[zp]])
-        _drop_unread_initializers(old, cx)
+        remove_unused_initializers(cx.graph, cx.model, old)
         out.dtype = DataType.UINT8
         cx.stats["activations_to_uint8"] += 1
 

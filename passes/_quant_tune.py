@@ -22,11 +22,11 @@ import numpy as np
 
 from edgeopt import ir
 from edgeopt.ir import DataType, Model, Node
-from edgeopt.ir.quant import dequantize, type_range
+from edgeopt.ir.quant import dequantize, quantize
 
 from ._base import Context
-from ._quant_plan import QuantPlan, node_label
-from ._util import NameGen, as_tensor, replace_constant_input
+from ._quant_plan import QuantPlan
+from ._util import NameGen, as_tensor, levels, replace_constant_input
 from .analyses.activation_cache import ActivationCache
 from .analyses.activations import Activations, run_session
 
@@ -75,7 +75,7 @@ def correct_biases(model: Model, ctx: Context, float_model: Model, layers: list[
     now = ActivationCache(model, ctx, samples, max_bytes=CACHE_BYTES)
     names = NameGen(model)
     done = 0
-    for level in _levels(model, todo):
+    for level in levels(model.graph, todo):
         outs = [n.outputs[0].name for n in level]
         # The level's inputs are cached too: after this level's biases change, the next
         # request starts from them instead of from the graph inputs.
@@ -100,21 +100,6 @@ def _channel_means(x: np.ndarray) -> np.ndarray:
     return x.mean(axis=(0, *range(2, x.ndim)), dtype=np.float64)
 
 
-def _levels(model: Model, layers: list[Node]) -> list[list[Node]]:
-    """``layers`` grouped by how many of them lie upstream (a level's shifts are independent)."""
-    index = {id(n) for n in layers}
-    depth: dict[str, int] = {}
-    levels: dict[int, list[Node]] = {}
-    for node in model.graph:
-        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
-        if id(node) in index:
-            levels.setdefault(d, []).append(node)
-            d += 1
-        for out in node.outputs:
-            depth[out.name] = d
-    return [levels[k] for k in sorted(levels)]
-
-
 def _shift_bias(node: Node, shift: np.ndarray, names: NameGen) -> int:
     dq = _bias_dq(node)
     assert dq is not None
@@ -123,10 +108,7 @@ def _shift_bias(node: Node, shift: np.ndarray, names: NameGen) -> int:
     if qp is None or ints.shape != shift.shape:
         return 0
     bias = dequantize(ints, qp).astype(np.float64) + shift
-    lo, hi = type_range(DataType.INT32)
-    scale = np.broadcast_to(qp.scale, bias.shape).astype(np.float64)
-    new = np.clip(np.rint(bias / scale), lo, hi).astype(np.int32)
-    replace_constant_input(dq, 0, as_tensor(new), names)
+    replace_constant_input(dq, 0, as_tensor(quantize(bias, qp)), names)
     return 1
 
 
@@ -262,8 +244,3 @@ def meet_target(order: list[str], metric: Metric, variant: Variant, runner: Outp
         else:
             lo = mid
     return hi, best if best is not None else score(hi)
-
-
-def node_labels(nodes: list[Node]) -> list[str]:
-    """Labels of ``nodes`` in order."""
-    return [node_label(n) for n in nodes]

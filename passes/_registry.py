@@ -11,19 +11,18 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._base import OptionError, Preserved
+from ._named import check_name
 
 __all__ = ["PassSpec", "get_pass", "list_passes", "plugins", "register_pass", "unregister_pass"]
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "edgeopt.passes"
-_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)*$")
 
 #: Passes the design promises that are not built yet: asking for one is a clear error.
 PLANNED = {
@@ -81,9 +80,7 @@ def register_pass(name: str, options: type | None = None, primary: str | None = 
     Raises:
         ValueError: the name is malformed, taken, or ``primary`` is not an option.
     """
-    if not _NAME.match(name):
-        raise ValueError(f"pass name {name!r} must be lowercase words (a-z, 0-9, -, _), "
-                         "dotted for third-party passes")
+    check_name(name, "pass", "passes")
     if primary is not None and (options is None or primary not in
                                 getattr(options, "__dataclass_fields__", {})):
         raise ValueError(f"pass {name!r}: primary option {primary!r} is not an option")

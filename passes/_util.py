@@ -7,8 +7,8 @@ the call and cache nothing across passes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -24,14 +24,18 @@ __all__ = [
     "as_tensor",
     "constant_tensor",
     "default_opset",
+    "earliest",
     "graphs",
     "is_default_domain",
+    "levels",
     "replace_constant_input",
     "scaled_tensor",
     "substitute",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def constant_tensor(value: Value | None, model: Model) -> Tensor | None:
@@ -93,6 +97,36 @@ class NameGen:
             name = f"{base}_{i}"
         self.taken.add(name)
         return name
+
+
+def earliest(nodes: Iterable[Node]) -> Node:
+    """The node of ``nodes`` (all of one graph) that comes first in graph order."""
+    nodes = list(nodes)
+    graph = nodes[0].graph
+    assert graph is not None
+    wanted = {id(n) for n in nodes}
+    return next(n for n in graph if id(n) in wanted)
+
+
+def levels(graph: Graph, nodes: Sequence[T], node_of: Callable[[T], Node] = lambda x: x
+           ) -> list[list[T]]:
+    """``nodes`` grouped by how many of them lie upstream, in dependency order.
+
+    No item of a level reads, even indirectly, the output of another item of the same
+    level, so a level can be processed at once after the levels before it (level-by-level
+    refits and corrections). ``node_of`` maps an item to its node.
+    """
+    index = {id(node_of(x)): x for x in nodes}
+    depth: dict[str, int] = {}
+    grouped: dict[int, list[T]] = {}
+    for node in graph:
+        d = max((depth.get(v.name, 0) for v in node.inputs if v is not None), default=0)
+        if id(node) in index:
+            grouped.setdefault(d, []).append(index[id(node)])
+            d += 1
+        for out in node.outputs:
+            depth[out.name] = d
+    return [grouped[k] for k in sorted(grouped)]
 
 
 def add_constant(graph: Graph, names: NameGen, base: str, tensor: Tensor) -> Value:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from edgeopt.ir import Graph, Model, Node
+from collections.abc import Iterable
+
+from edgeopt.ir import Graph, Model, Node, Value
 
 from ._base import Context, PassResult
 from ._registry import register_pass
 
-__all__ = ["dce"]
+__all__ = ["dce", "remove_unused_initializers"]
 
 #: Ops with effects beyond their outputs; never removed even when unused.
 _SIDE_EFFECTS: frozenset[tuple[str, str]] = frozenset()
@@ -56,17 +58,30 @@ def _sweep(graph: Graph, model: Model, stats: dict[str, int]) -> None:
             continue
         for sub in node.subgraphs():
             _sweep(sub, model, stats)
-    # Initializers nobody reads. Ones that are also graph inputs are part of the interface
-    # (an overridable default) except in IR < 4, where every initializer had to be an input.
-    for name, value in list(graph.initializers.items()):
+    stats["initializers_removed"] += remove_unused_initializers(graph, model)
+
+
+def remove_unused_initializers(graph: Graph, model: Model,
+                               among: Iterable[Value | None] | None = None) -> int:
+    """Remove the initializers of ``graph`` that nothing reads (only ``among``, if given).
+
+    Ones that are also graph inputs are part of the interface (an overridable default),
+    except in IR < 4, where every initializer had to be an input. Returns how many went.
+    """
+    candidates = list(graph.initializers.values()) if among is None else \
+        [v for v in dict.fromkeys(among) if v is not None and v.is_initializer()
+         and v.graph is graph]
+    removed = 0
+    for value in candidates:
         if value.uses() or value.is_graph_output():
             continue
         if value.is_graph_input():
             if model.ir_version >= 4 or graph is not model.graph:
                 continue
             graph.inputs.remove(value)
-        del graph.initializers[name]
-        stats["initializers_removed"] += 1
+        del graph.initializers[value.name]
+        removed += 1
+    return removed
 
 
 @register_pass("dce")

@@ -11,17 +11,18 @@ operators, which ONNX Runtime fuses into its integer kernels and the C backend l
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from edgeopt import ir
-from edgeopt.ir import DataType, Model, QuantParams
+from edgeopt.ir import DataType, Model, Node, QuantParams
 from edgeopt.ir.quant import params_from_range, type_range
 
 from ._base import Context, OptionError, PassError, PassResult
-from ._quant_plan import QuantPlan, node_label, plan_static
+from ._quant_plan import QuantPlan, excluded, node_label, plan_static
 from ._quant_qdq import apply_qdq
 from ._quant_tune import (
     LAYERS,
@@ -36,6 +37,7 @@ from ._registry import register_pass
 from ._util import NameGen, add_constant, as_tensor, constant_tensor, default_opset
 from .analyses.activations import Activations, ValueStats
 from .analyses.calibrators import calibrate, list_calibrators
+from .dce import remove_unused_initializers
 from .fold_bn import FoldBnOptions, fold_bn
 
 __all__ = ["QuantOptions", "quant"]
@@ -147,11 +149,10 @@ def _range(stats: ValueStats, method: str, opts: QuantOptions, dtype: DataType
     return calibrate(stats, method, qmin=qmin, qmax=qmax, **params)
 
 
-def _params(plan: QuantPlan, act: Activations, opts: QuantOptions
+def _params(plan: QuantPlan, act: Activations, opts: QuantOptions, method: str
             ) -> dict[str, QuantParams]:
     """Quantization parameters of every planned tensor (one per sharing class)."""
     dtype = DataType.UINT8 if opts.activations == "uint8" else DataType.INT8
-    method = DEFAULT_CALIBRATOR if opts.calibrator == "auto" else opts.calibrator
     out: dict[str, QuantParams] = {}
     for members in plan.classes().values():
         lo, hi = np.inf, -np.inf
@@ -185,18 +186,19 @@ def _static(model: Model, ctx: Context, opts: QuantOptions) -> dict[str, int | f
     method = DEFAULT_CALIBRATOR if opts.calibrator == "auto" else opts.calibrator
     act = ctx.analysis(Activations, values=tuple(plan.tensors), channels=False, moments=False,
                        hist_limit=0 if method == "minmax" else HIST_LIMIT)
-    params = _params(plan, act, opts)
+    params = _params(plan, act, opts, method)
     stats: dict[str, int | float] = {}
-    float_model = model.clone() if opts.bias_correction else None
-    if opts.sensitivity or opts.target:
-        plan, tuned = _tune(model, ctx, opts, plan, params)
+    tuning = opts.sensitivity or opts.target is not None
+    float_model = model.clone() if opts.bias_correction or tuning else None
+    if tuning:
+        plan, tuned = _tune(model, float_model, ctx, opts, plan, params)  # type: ignore[arg-type]
         stats.update(tuned)
     stats.update(apply_qdq(model, plan, params, opts.per_channel))
-    if float_model is not None:
+    if opts.bias_correction:
         stats["biases_corrected"] = correct_biases(model, ctx, float_model, bias_targets(plan))
     stats.update(bn_folded=folded, divisions_to_products=divisions,
                  nodes_quantized=len(plan.nodes), nodes_float=len(plan.skipped),
-                 initializers_removed=_drop_unused_initializers(model))
+                 initializers_removed=remove_unused_initializers(model.graph, model))
     if opts.format == "qop":
         from ._quant_qop import lower_to_qoperator
 
@@ -204,10 +206,12 @@ def _static(model: Model, ctx: Context, opts: QuantOptions) -> dict[str, int | f
     return stats
 
 
-def _tune(model: Model, ctx: Context, opts: QuantOptions, plan: QuantPlan,
+def _tune(model: Model, float_model: Model, ctx: Context, opts: QuantOptions, plan: QuantPlan,
           params: dict[str, QuantParams]) -> tuple[QuantPlan, dict[str, int | float]]:
-    """Sensitivity per layer, and the layers kept float to meet ``opts.target``."""
-    float_model = model.clone()
+    """Sensitivity per layer, and the layers kept float to meet ``opts.target``.
+
+    ``float_model`` is a copy of ``model`` as it is before quantization (never modified).
+    """
     runner = OutputRunner(ctx, float_model, opts.eval_samples)
     reference = runner.outputs(float_model)
 
@@ -270,22 +274,8 @@ def _divisions_to_products(model: Model) -> int:
     return done
 
 
-def _drop_unused_initializers(model: Model) -> int:
-    """Remove the main graph's initializers nothing reads any more (the float weights)."""
-    graph = model.graph
-    unused = [name for name, v in graph.initializers.items()
-              if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]
-    for name in unused:
-        del graph.initializers[name]
-    return len(unused)
-
-
-def _skip(opts: QuantOptions):  # type: ignore[no-untyped-def]
-    import fnmatch
-
-    from ._quant_plan import node_label
-
-    return lambda node: any(fnmatch.fnmatchcase(node_label(node), p) for p in opts.exclude)
+def _skip(opts: QuantOptions) -> Callable[[Node], bool]:
+    return lambda node: excluded(node, opts.exclude)
 
 
 @register_pass("quant", options=QuantOptions, primary="dtype")
@@ -297,10 +287,13 @@ def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
     calibrator, and writes QuantizeLinear/DequantizeLinear pairs (:mod:`._quant_qdq`). A model
     whose opset is below 13 is converted to opset 13 first. Subgraph bodies stay float.
 
-    Stats: ``tensors_quantized``, ``weights_quantized``, ``biases_quantized``,
-    ``activations_fused``, ``nodes_quantized``, ``nodes_float``, ``weight_bytes_before`` and
-    ``weight_bytes_after``.
+    Static stats: ``tensors_quantized``, ``weights_quantized``, ``biases_quantized``,
+    ``biases_corrected``, ``activations_fused``, ``nodes_quantized``, ``nodes_float``,
+    ``bn_folded``, ``divisions_to_products``, ``weight_bytes_before``/``_after``; with
+    ``sensitivity``/``target`` also ``layers_measured``, ``layers_float``, ``target_score``.
+    The other modes report ``nodes_*``, ``weights_*`` and the weight bytes.
     """
+    graph, version = model.graph, model.version
     if opts.dtype == "fp16":
         from ._quant_modes import convert_fp16
 
@@ -317,6 +310,6 @@ def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
                                  form=opts.form)
     else:
         stats = _static(model, ctx, opts)
-    modified = any(v for k, v in stats.items()
-                   if k.endswith(("quantized", "converted", "folded")) or k == "values_typed")
-    return PassResult(modified=bool(modified), stats=stats)
+    # The opset conversion replaces the graph; every other change bumps its version.
+    return PassResult(modified=model.graph is not graph or model.version != version,
+                      stats=stats)

@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from collections.abc import Callable
 
 import numpy as np
 
+from .._named import NamedRegistry
 from .value_stats import ValueStats
 
 __all__ = ["calibrate", "get_calibrator", "list_calibrators", "register_calibrator",
            "unregister_calibrator"]
 
 Calibrator = Callable[..., tuple[float, float]]
-_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)*$")
 _COMMON = ("stats", "qmin", "qmax", "symmetric")
-_CALIBRATORS: dict[str, Calibrator] = {}
+_CALIBRATORS: NamedRegistry[Calibrator] = NamedRegistry("calibrator", "calibrator", "calibrators")
 
 
 def register_calibrator(name: str) -> Callable[[Calibrator], Calibrator]:
@@ -49,18 +48,7 @@ def register_calibrator(name: str) -> Callable[[Calibrator], Calibrator]:
     Raises:
         ValueError: the name is malformed or already registered.
     """
-    if not _NAME.match(name):
-        raise ValueError(f"calibrator name {name!r} must be lowercase words (a-z, 0-9, -, _), "
-                         "dotted for third-party calibrators")
-
-    def decorate(fn: Calibrator) -> Calibrator:
-        if name in _CALIBRATORS:
-            raise ValueError(f"calibrator {name!r} is already registered (by "
-                             f"{getattr(_CALIBRATORS[name], '__module__', '?')})")
-        _CALIBRATORS[name] = fn
-        return fn
-
-    return decorate
+    return _CALIBRATORS.register(name)
 
 
 def unregister_calibrator(name: str) -> None:
@@ -70,7 +58,7 @@ def unregister_calibrator(name: str) -> None:
 
 def list_calibrators() -> list[str]:
     """Every registered calibrator name, sorted."""
-    return sorted(_CALIBRATORS)
+    return _CALIBRATORS.names()
 
 
 def get_calibrator(name: str) -> Calibrator:
@@ -79,10 +67,7 @@ def get_calibrator(name: str) -> Calibrator:
     Raises:
         ValueError: unknown name; the message lists the registered ones.
     """
-    if name not in _CALIBRATORS:
-        raise ValueError(f"unknown calibrator {name!r}; available: "
-                         f"{', '.join(list_calibrators())}")
-    return _CALIBRATORS[name]
+    return _CALIBRATORS.lookup(name)
 
 
 def calibrate(stats: ValueStats, method: str, *, qmin: int, qmax: int, symmetric: bool = False,

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,6 +61,7 @@ import numpy as np
 from edgeopt.ir import EdgeoptError, Model
 
 from .._base import CalibrationError, OptionError
+from .._named import NamedRegistry
 
 if TYPE_CHECKING:
     from .channel_groups import ChannelGroup, Member
@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 Aggregate = Literal["sum", "mean", "max", "prod"]
 Normalize = Literal["mean", "max", "sum", "none"]
 ActivationStat = Literal["mean_abs", "apoz"]
-_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)*$")
 
 
 class ImportanceError(EdgeoptError):
@@ -117,7 +116,8 @@ Criterion = Callable[["ChannelGroup", Any, CriterionOptions], np.ndarray]
 Prepare = Callable[[Sequence["ChannelGroup"], Any, CriterionOptions], Any]
 
 #: Registered criteria by name; add with :func:`register_criterion`.
-CRITERIA: dict[str, Criterion] = {}
+CRITERIA: NamedRegistry[Criterion] = NamedRegistry("importance criterion", "criterion",
+                                                   "criteria", unknown=OptionError)
 _PREPARE: dict[str, Prepare] = {}
 
 
@@ -138,15 +138,10 @@ def register_criterion(name: str, prepare: Prepare | None = None
     Raises:
         ValueError: the name is malformed or already registered.
     """
-    if not _NAME.match(name):
-        raise ValueError(f"criterion name {name!r} must be lowercase words (a-z, 0-9, -, _), "
-                         "dotted for third-party criteria")
+    add = CRITERIA.register(name)
 
     def decorate(fn: Criterion) -> Criterion:
-        if name in CRITERIA:
-            raise ValueError(f"importance criterion {name!r} is already registered (by "
-                             f"{getattr(CRITERIA[name], '__module__', '?')})")
-        CRITERIA[name] = fn
+        add(fn)
         if prepare is not None:
             _PREPARE[name] = prepare
         return fn
@@ -169,7 +164,7 @@ def prepare(criterion: str, groups: Sequence[ChannelGroup], ctx: Any,
 
 def list_criteria() -> list[str]:
     """Every registered criterion name, sorted."""
-    return sorted(CRITERIA)
+    return CRITERIA.names()
 
 
 def get_criterion(name: str) -> Criterion:
@@ -178,10 +173,7 @@ def get_criterion(name: str) -> Criterion:
     Raises:
         OptionError: unknown name; the message lists the registered ones.
     """
-    if name not in CRITERIA:
-        raise OptionError(f"unknown importance criterion {name!r}; available: "
-                          f"{', '.join(list_criteria())}")
-    return CRITERIA[name]
+    return CRITERIA.lookup(name)
 
 
 # -- aggregation and normalization ------------------------------------------------------------

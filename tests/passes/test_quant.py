@@ -15,7 +15,7 @@ from models import cnn, concat_net, mlp, mobilenetv2, resnet, se_net
 
 from edgeopt import ir
 from edgeopt.ir.quant import dequantize, quantize
-from edgeopt.passes import Context, PassError, PassManager
+from edgeopt.passes import Context, OptionError, PassError, PassManager
 from edgeopt.passes.calib import CalibrationData
 
 RNG = np.random.default_rng(0)
@@ -409,7 +409,7 @@ def test_target_keeps_the_most_sensitive_layers_float_until_met(digits):
 ])
 def test_option_errors(spec, message):
     text, weights = PATTERNS["conv_relu"]
-    with pytest.raises(Exception, match=re.escape(message)):
+    with pytest.raises(OptionError, match=re.escape(message)):
         PassManager(spec).run(build_model(text, weights), Context())
 
 
