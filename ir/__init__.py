@@ -26,12 +26,14 @@ from ._value import Use, Value
 from .io_onnx import load, save
 from .quant import QuantParams, quant_params
 from .shapes import infer_shapes, static_shapes
+from .sparse import CSRTensor, csr_nbytes
 from .verify import verify
 
 __all__ = [
     "ArrayTensor",
     "Attr",
     "AttrType",
+    "CSRTensor",
     "DataType",
     "Dim",
     "EdgeoptError",
@@ -49,6 +51,7 @@ __all__ = [
     "Use",
     "Value",
     "VerificationError",
+    "csr_nbytes",
     "format_shape",
     "from_proto",
     "infer_shapes",

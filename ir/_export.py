@@ -15,6 +15,7 @@ from ._node import Attr, AttrType, Node
 from ._tensor import ExternalTensor, ProtoTensor, SparseTensor, Tensor
 from ._types import DataType, Shape
 from ._value import Value
+from .sparse import CSRTensor
 
 __all__ = ["ExternalWriter", "tensor_bytes", "to_proto"]
 
@@ -114,10 +115,19 @@ class ExternalWriter:
 
 class _Exporter:
     def __init__(self, model: Model, external: ExternalWriter | None,
-                 deferred: dict[str, Tensor] | None) -> None:
+                 deferred: dict[str, Tensor] | None, sparse: bool = False) -> None:
         self.model = model
         self.external = external
         self.deferred = deferred
+        self.sparse_initializers = sparse
+        self.wrote_sparse = False
+
+    def as_sparse(self, tensor: Tensor) -> SparseTensor | None:
+        """The ONNX sparse form of a CSR-packed weight, when asked for and smaller."""
+        if not (self.sparse_initializers and isinstance(tensor, CSRTensor)):
+            return None
+        coo = tensor.to_coo()
+        return coo if coo.stored_nbytes < tensor.nbytes else None
 
     def tensor(self, tensor: Tensor, name: str) -> onnx.TensorProto:
         if self.external is not None and self.external.wants(tensor):
@@ -159,6 +169,9 @@ class _Exporter:
                 free_consts.append(v)  # IR < 4 requires initializers to be inputs
             elif isinstance(v.const_value, SparseTensor):
                 g.sparse_initializer.append(self.sparse(v.const_value, v.name))
+            elif (coo := self.as_sparse(v.const_value)) is not None:
+                g.sparse_initializer.append(self.sparse(coo, v.name))
+                self.wrote_sparse = True
             else:
                 g.initializer.append(self.initializer(graph, v.const_value, v.name))
         for v in free_consts:
@@ -290,6 +303,8 @@ def value_info(v: Value) -> onnx.ValueInfoProto:
 
 #: Inline main-graph initializers this large are deferred by a streaming writer.
 DEFER_BYTES = 4096
+#: First IR version with ``sparse_initializer``.
+SPARSE_IR_VERSION = 6
 
 
 def full_tensor_proto(tensor: Tensor, name: str) -> onnx.TensorProto:
@@ -298,7 +313,8 @@ def full_tensor_proto(tensor: Tensor, name: str) -> onnx.TensorProto:
 
 
 def to_proto(model: Model, external: ExternalWriter | None = None,
-             deferred: dict[str, Tensor] | None = None) -> onnx.ModelProto:
+             deferred: dict[str, Tensor] | None = None, sparse_initializers: bool = False
+             ) -> onnx.ModelProto:
     """Build the ModelProto of a model.
 
     Args:
@@ -308,8 +324,12 @@ def to_proto(model: Model, external: ExternalWriter | None = None,
             data-less stubs and collected here by name; the caller (a streaming file writer)
             must substitute :func:`full_tensor_proto` for each stub. The result is then NOT a
             complete model by itself.
+        sparse_initializers: write each CSR-packed weight (:class:`~edgeopt.ir.CSRTensor`)
+            whose ONNX sparse form (values + int64 indices) is smaller than its dense bytes
+            as a ``sparse_initializer`` (the model's IR version is raised to 6 if needed);
+            otherwise every CSR-packed weight is written dense.
     """
-    exp = _Exporter(model, external, deferred)
+    exp = _Exporter(model, external, deferred, sparse_initializers)
     proto = _set(onnx.ModelProto(), ir_version=model.ir_version,
                  producer_name=model.producer_name, producer_version=model.producer_version,
                  domain=model.domain, model_version=model.model_version,
@@ -318,6 +338,8 @@ def to_proto(model: Model, external: ExternalWriter | None = None,
         proto.opset_import.add(domain=domain, version=version)
     _props(proto.metadata_props, model.metadata_props)
     exp.graph(model.graph, proto.graph)
+    if exp.wrote_sparse and proto.ir_version < SPARSE_IR_VERSION:
+        proto.ir_version = SPARSE_IR_VERSION
     proto.functions.extend(model.functions)
     proto.training_info.extend(model.training_info)
     proto.configuration.extend(model.configuration)

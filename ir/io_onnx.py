@@ -325,7 +325,7 @@ def _hard_link(path: str, link: str) -> str | None:
 
 
 def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = None,
-         size_threshold: int = 1024) -> None:
+         size_threshold: int = 1024, sparse_initializers: bool = False) -> None:
     """Write a model to an ONNX file, atomically.
 
     Args:
@@ -336,6 +336,8 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             was loaded with external data or when inline weights would come close to
             protobuf's 2 GiB limit. No data file is written when no tensor goes there.
         size_threshold: smallest tensor (bytes) that goes external.
+        sparse_initializers: write CSR-packed weights as ONNX ``sparse_initializer``
+            where that is smaller (see :func:`~edgeopt.ir.to_proto`).
 
     Raises:
         EdgeoptError: the destination is the model's own source (or one of its external
@@ -357,12 +359,12 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             with txn.open(data_path) as data_file:
                 writer = ExternalWriter(data_file.write, os.path.basename(data_path),
                                         size_threshold)
-                proto = to_proto(model, writer)
+                proto = to_proto(model, writer, sparse_initializers=sparse_initializers)
             if writer.offset == 0:
                 txn.discard(data_path)  # nothing went external: no empty data file
         else:
             deferred = {}  # large inline weights are serialized one at a time while writing
-            proto = to_proto(model, deferred=deferred)
+            proto = to_proto(model, deferred=deferred, sparse_initializers=sparse_initializers)
         _write_proto(proto, path, txn, deferred if not external_data else None)
         txn.commit()  # data first, then the model that points at it
     except OSError as e:

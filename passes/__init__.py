@@ -17,6 +17,7 @@ from __future__ import annotations
 
 # Built-in passes register themselves on import.
 from . import cse as _cse  # noqa: F401
+from . import csr as _csr  # noqa: F401
 from . import dce as _dce  # noqa: F401
 from . import fold_affine as _fold_affine  # noqa: F401
 from . import fold_bn as _fold_bn  # noqa: F401

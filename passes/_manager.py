@@ -36,14 +36,17 @@ class ModelStats:
 
 
 def model_stats(model: Model) -> ModelStats:
-    """Count nodes, parameters (elements of initializers) and weight bytes."""
+    """Count nodes, parameters (elements of initializers) and weight bytes as stored.
+
+    A CSR-packed or sparse weight counts its packed bytes.
+    """
     nodes = sum(1 for _ in model.walk())
     params = weight = 0
     for graph in [model.graph, *model.graph.subgraphs()]:
         for v in graph.initializers.values():
             t = v.const_value
             params += t.size if hasattr(t, "size") else 0
-            weight += t.nbytes
+            weight += getattr(t, "stored_nbytes", t.nbytes)
     return ModelStats(nodes, params, weight)
 
 

@@ -27,7 +27,6 @@ ENTRY_POINT_GROUP = "edgeopt.passes"
 #: Passes the design promises that are not built yet: asking for one is a clear error.
 PLANNED = {
     "sparsify": "unstructured magnitude pruning",
-    "csr": "CSR weight packing",
 }
 
 

@@ -81,14 +81,19 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     layers_after = layer_diff.snapshot(model)
     changes = layer_diff.diff(layers_before, layers_after)
     external = _external(args.external_data)
-    latency = bench.measure(model, out, external, console) if bench else None
-    ir.save(model, out, external_data=external)  # only once everything above succeeded
+    sparse = args.sparse_initializers
+    latency = bench.measure(model, out, external, sparse, console) if bench else None
+    # only once everything above succeeded
+    ir.save(model, out, external_data=external, sparse_initializers=sparse)
+    packing = packed_weights(model)
     result = {**report.to_dict(), "input": args.model, "output": out,
               "layers": layer_diff.to_dicts(changes),
               "macs": {"before": layer_diff.totals(layers_before)["macs"],
                        "after": layer_diff.totals(layers_after)["macs"]}}
     if latency is not None:
         result["latency"] = latency
+    if packing["weights"]:
+        result["csr"] = packing
     if args.report:
         write_text_atomic(args.report, json.dumps(result, indent=2, default=str) + "\n")
     if args.json:
@@ -104,6 +109,8 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
                   + (f" ({macs['after'] / macs['before'] - 1:+.1%})" if macs["before"] else ""))
     if latency is not None:
         print(_latency_line(latency))
+    if packing["weights"]:
+        print(_packing_line(packing, sparse))
     before, after = os.path.getsize(args.model), os.path.getsize(out)
     print(f"wrote {out} ({human_bytes(before)} -> {human_bytes(after)})")
     return 0
@@ -123,7 +130,7 @@ class _Bench:
         self.source = OrtModel(args.model)
         self.source.run(self.feeds)
 
-    def measure(self, model: ir.Model, out: str, external: bool | None,
+    def measure(self, model: ir.Model, out: str, external: bool | None, sparse: bool,
                 console: Console) -> dict[str, Any]:
         """Time both models; the optimized one from a temporary copy (``out`` is untouched).
 
@@ -133,7 +140,7 @@ class _Bench:
         console.info(f"measuring latency ({self.runs} runs each) ...")
         with tempfile.TemporaryDirectory(prefix="edgeopt-measure-") as tmp:
             path = os.path.join(tmp, os.path.basename(out))
-            ir.save(model, path, external_data=external)
+            ir.save(model, path, external_data=external, sparse_initializers=sparse)
             optimized = OrtModel(path, label=f"{out} (optimized model; not written)")
             before, after = median_latencies_ms([self.source, optimized], self.feeds,
                                                 self.runs)
@@ -147,6 +154,43 @@ def _latency_line(lat: dict[str, Any]) -> str:
     return (f"latency: {lat['before_ms']:.3f} ms -> {lat['after_ms']:.3f} ms ({speedup})  "
             f"[ORT CPU, {lat['threads']} threads, batch 1, median of {lat['runs']} runs, "
             f"{lat['inputs']} input]")
+
+
+def packed_weights(model: ir.Model) -> dict[str, int]:
+    """Totals over the CSR-packed weights: count, dense bytes, CSR bytes.
+
+    ``onnx_sparse*`` count those whose ONNX sparse form (int64 COO indices) is smaller than
+    dense, what ``--sparse-initializers`` writes.
+    """
+    out = {"weights": 0, "dense_bytes": 0, "csr_bytes": 0, "onnx_sparse": 0,
+           "onnx_sparse_dense_bytes": 0, "onnx_sparse_bytes": 0}
+    for g in [model.graph, *model.graph.subgraphs()]:
+        for v in g.initializers.values():
+            t = v.const_value
+            if not isinstance(t, ir.CSRTensor):
+                continue
+            out["weights"] += 1
+            out["dense_bytes"] += t.nbytes
+            out["csr_bytes"] += t.stored_nbytes
+            coo = t.to_coo().stored_nbytes
+            if coo < t.nbytes:
+                out["onnx_sparse"] += 1
+                out["onnx_sparse_dense_bytes"] += t.nbytes
+                out["onnx_sparse_bytes"] += coo
+    return out
+
+
+def _packing_line(p: dict[str, int], written: bool) -> str:
+    line = (f"CSR-packed weights: {p['weights']}, {human_bytes(p['dense_bytes'])} dense -> "
+            f"{human_bytes(p['csr_bytes'])} CSR")
+    saving = p["onnx_sparse_dense_bytes"] - p["onnx_sparse_bytes"]
+    if not p["onnx_sparse"]:
+        return line + "; none is smaller as an ONNX sparse_initializer (int64 indices)"
+    if written:
+        return line + (f"; {p['onnx_sparse']} written as ONNX sparse_initializer "
+                       f"({human_bytes(saving)} saved)")
+    return line + (f"; --sparse-initializers would write {p['onnx_sparse']} as ONNX "
+                   f"sparse_initializer and save {human_bytes(saving)}")
 
 
 def _type_str(v: ir.Value) -> str:
@@ -184,7 +228,34 @@ def model_info(model: ir.Model) -> dict[str, Any]:
         "macs": sum(c.macs for c in costs),
         "macs_note": macs_note,
         "layers": [dataclasses.asdict(c) for c in costs],
+        "weights": weight_storage(model),
     }
+
+
+def weight_storage(model: ir.Model) -> list[dict[str, Any]]:
+    """Sparsity and storage of every layer weight (also the integer ones of a QDQ model).
+
+    Each row: zeros, dense bytes, CSR bytes, and how the weight is stored now.
+    """
+    from edgeopt.passes._weights import layer_weights
+
+    rows, seen = [], set()
+    for lw in layer_weights(model):
+        if id(lw.value) in seen:
+            continue
+        seen.add(id(lw.value))
+        t = lw.value.const_value
+        dense = t.numpy()
+        stored = "csr" if isinstance(t, ir.CSRTensor) else \
+            "onnx-sparse" if isinstance(t, ir.SparseTensor) else "dense"
+        zeros = t.size - int(np.count_nonzero(dense))
+        rows.append({"layer": lw.node.name or lw.node.outputs[0].name, "weight": lw.value.name,
+                     "dtype": t.dtype.name.lower(), "elements": t.size, "zeros": zeros,
+                     "sparsity": zeros / t.size if t.size else 0.0, "dense_bytes": t.nbytes,
+                     "csr_bytes": ir.csr_nbytes(dense, lw.layout, t.dtype),
+                     "stored": stored,
+                     "stored_bytes": getattr(t, "stored_nbytes", t.nbytes)})
+    return rows
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
@@ -212,15 +283,37 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     print(f"parameters: {info['params']:,}  weights: {human_bytes(total)} ("
           + ", ".join(f"{d} {human_bytes(b)}" for d, b in info["weight_bytes"].items()) + ")")
     print(f"MACs: {info['macs']:,} ({info['macs_note']})")
+    weights = info["weights"]
+    if weights:
+        print(_sparsity_line(weights))
     if args.layers and info["layers"]:
         rows = [(c["node"], c["op_type"], ir.format_shape(c["output_shape"]), f"{c['params']:,}",
                  f"{c['macs']:,}") for c in info["layers"]]
         print(format_table(rows, ("layer", "op", "output", "params", "MACs"), right=(3, 4)))
+    if args.layers and weights:
+        rows = [(w["layer"], w["dtype"], f"{w['elements']:,}", f"{w['sparsity']:.1%}",
+                 f"{w['dense_bytes']:,}", f"{w['csr_bytes']:,}",
+                 f"{w['stored']} {w['stored_bytes']:,}") for w in weights]
+        print(format_table(rows, ("layer", "weight", "elements", "zeros", "dense bytes",
+                                  "CSR bytes", "stored as"), right=(2, 3, 4, 5)))
     if groups is not None:
         prunable = sum(1 for g in info["channel_groups"] if g["prunable"])
         print(f"channel groups: {len(info['channel_groups'])} ({prunable} prunable)")
         print(groups.table())
     return 0
+
+
+def _sparsity_line(weights: list[dict[str, Any]]) -> str:
+    elements = sum(w["elements"] for w in weights)
+    zeros = sum(w["zeros"] for w in weights)
+    dense = sum(w["dense_bytes"] for w in weights)
+    best = sum(min(w["dense_bytes"], w["csr_bytes"]) for w in weights)
+    stored = sum(w["stored_bytes"] for w in weights)
+    packed = sum(w["stored"] == "csr" for w in weights)
+    return (f"layer weights: {len(weights)}, {zeros / max(elements, 1):.1%} zeros; "
+            f"{human_bytes(dense)} dense, {human_bytes(stored)} as stored"
+            f"{f' ({packed} CSR-packed)' if packed else ''}, {human_bytes(best)} with CSR "
+            "where smaller")
 
 
 def _pass_info(spec: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgeopt.ir import EdgeoptError, Model, Node
 from edgeopt.passes.analyses.costs import MAC_RULES, bind_batch, stored_constant
 from edgeopt.passes.prune import RECOVERY_META_KEY as RECOVERY_KEY
@@ -48,10 +50,23 @@ class Layer:
     #: quant's notes on this layer: ``sensitivity`` (relative output error with only this
     #: layer quantized) and ``float`` (why it stayed float), or None.
     quant: dict | None = None
+    #: entries of the weight, how many are zero, and the bytes it is stored in (CSR-packed
+    #: or dense), and whether it is packed (stored bytes differ from dense).
+    weight_size: int = 0
+    zeros: int = 0
+    weight_bytes: int = 0
+    packed: bool = False
+
+    @property
+    def sparsity(self) -> float:
+        """Share of the weight's entries that are zero."""
+        size = self.weight_size
+        return self.zeros / size if size else 0.0
 
     def signature(self) -> tuple:
-        """What the table compares: channels, parameters, MACs, weight type."""
-        return self.in_channels, self.out_channels, self.params, self.macs, self.weight_type
+        """What the table compares: channels, parameters, MACs, weight type and storage."""
+        return (self.in_channels, self.out_channels, self.params, self.macs, self.weight_type,
+                self.zeros, self.weight_bytes)
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,11 @@ class LayerChange:
             out["weight_type"] = types
         if getattr(self.after, "quant", None):
             out["quant"] = dict(self.after.quant)  # type: ignore[union-attr]
+        if any(getattr(x, "zeros", 0) or getattr(x, "packed", False)
+               for x in (self.before, self.after)):
+            for key in ("sparsity", "weight_bytes"):
+                out[key] = {"before": getattr(self.before, key, None),
+                            "after": getattr(self.after, key, None)}
         return out
 
 
@@ -145,7 +165,10 @@ def _layer(node: Node) -> Layer | None:
     return Layer(node.name or node.outputs[0].name, node.op_type, *channels, params,
                  MAC_RULES[node.op_type](node),
                  None if rec is None else (float(rec["drop"]), float(rec["after"])),
-                 w.dtype.name.lower(), node.meta.get(QUANT_KEY))
+                 w.dtype.name.lower(), node.meta.get(QUANT_KEY),
+                 zeros=w.size - int(np.count_nonzero(w.numpy())),
+                 weight_bytes=getattr(w, "stored_nbytes", w.nbytes), weight_size=w.size,
+                 packed=hasattr(w, "stored_nbytes"))
 
 
 def snapshot(model: Model) -> list[Layer]:
@@ -208,6 +231,9 @@ def format_changes(changes: Sequence[LayerChange], limit: int | None = MAX_ROWS)
     typed = any(getattr(c.before, "weight_type", None) != getattr(c.after, "weight_type", None)
                 for c in shown if c.status == "changed")
     noted = any(getattr(c.after, "quant", None) for c in shown)
+    sparse = any(c.status == "changed" and c.before.zeros != c.after.zeros  # type: ignore[union-attr]
+                 for c in shown)
+    stored = typed or any(getattr(x, "packed", False) for c in shown for x in (c.before, c.after))
     rows = []
     for c in shown:
         b, a = c.before, c.after
@@ -219,15 +245,23 @@ def format_changes(changes: Sequence[LayerChange], limit: int | None = MAX_ROWS)
                      *([_error(getattr(a, "recovery", None))] if recovered else []),
                      *([f"{getattr(b, 'weight_type', '-') or '-'}->"
                         f"{getattr(a, 'weight_type', '-') or '-'}"] if typed else []),
-                     *([_quant_note(getattr(a, "quant", None))] if noted else [])))
+                     *([_quant_note(getattr(a, "quant", None))] if noted else []),
+                     *([f"{_pct(b)}->{_pct(a)}"] if sparse else []),
+                     *([_arrow(getattr(b, "weight_bytes", None), getattr(a, "weight_bytes", None),
+                               status=c.status, sep=True)] if stored else [])))
     header = ("layer", "op", "in", "out", "params", "MACs") + \
         (("output error (dropped->recovered)",) if recovered else ()) + \
-        (("weights",) if typed else ()) + (("quant sensitivity / kept float",) if noted else ())
+        (("weights",) if typed else ()) + (("quant sensitivity / kept float",) if noted else ()) \
+        + (("zeros",) if sparse else ()) + (("weight bytes",) if stored else ())
     text = format_table(rows, header, right=(2, 3, 4, 5))
     if len(shown) < len(changes):
         text += (f"\n... and {len(changes) - len(shown)} more changed layers (smaller changes; "
                  "--layers lists all)")
     return text
+
+
+def _pct(layer: Layer | None) -> str:
+    return "-" if layer is None else f"{layer.sparsity:.0%}"
 
 
 def _quant_note(note: dict | None) -> str:

@@ -74,6 +74,10 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="write weights to a .data file beside the model (auto: when large or "
                         "when the input used external data)")
+    p.add_argument("--sparse-initializers", action="store_true",
+                   help="write CSR-packed weights (the csr pass) as ONNX sparse_initializer "
+                        "where that is smaller; ONNX Runtime loads them (default: dense, and "
+                        "the possible saving is reported)")
     _calib_args(p)
     _common(p)
     return p

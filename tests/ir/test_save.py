@@ -180,7 +180,7 @@ def _fail_half_way_through_the_model_file(monkeypatch):
 
 
 def _fail_in_the_serializer(monkeypatch):
-    def to_proto(model, external=None):
+    def to_proto(model, external=None, **kwargs):
         raise RuntimeError("serializer exploded")
 
     monkeypatch.setattr(io_onnx, "to_proto", to_proto)

@@ -85,7 +85,7 @@ def test_options_are_coerced_from_type_hints(temp_passes):
     ("nosuchpass", "unknown pass 'nosuchpass'; available passes: .*dce"),
     ("sparsify:0.5", "pass 'sparsify' \\(unstructured magnitude pruning\\) is not available yet"),
     ("quant:int4", "pass 'quant' option 'dtype': 'int4' is not one of int8, fp16"),
-    ("csr", "pass 'csr' .* is not available yet"),
+    ("csr:1.5", "pass 'csr': min_saving must be in \\[0, 1\\), got 1.5"),
     ("dce:1", "pass 'dce' takes no positional value"),
     ("steps=1", "option 'steps=1' comes before any pass"),
     ("dce,,dce", "empty step at position 2"),
