@@ -18,7 +18,8 @@ from ._node import Node
 from ._types import DataType
 from ._value import Value
 
-__all__ = ["QuantParams", "dequantize", "params_from_range", "quant_params", "quantize",
+__all__ = ["QuantParams", "dequantize", "params_from_range", "qdq_params", "quant_params",
+           "quantize",
            "type_range", "weight_params"]
 
 _RANGES = {
@@ -155,7 +156,8 @@ def _const(v: Value | None) -> np.ndarray | None:
     return None if v is None or v.const_value is None else np.asarray(v.const_value.numpy())
 
 
-def _from_node(node: Node) -> QuantParams | None:
+def qdq_params(node: Node) -> QuantParams | None:
+    """The parameters of one QuantizeLinear / DequantizeLinear node (constant ones only)."""
     scale = _const(node.inputs[1] if len(node.inputs) > 1 else None)
     if scale is None:
         return None
@@ -189,12 +191,12 @@ def quant_params(value: Value) -> QuantParams | None:
     node = value.producer()
     if node is not None and node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") \
             and not node.attr("block_size", 0):
-        return _from_node(node)
+        return qdq_params(node)
     for use in value.uses():
         n = use.node
         if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") and use.index == 0 \
                 and not n.attr("block_size", 0):
-            return _from_node(n)
+            return qdq_params(n)
     return None
 
 

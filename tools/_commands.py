@@ -66,9 +66,16 @@ def _external(choice: str) -> bool | None:
 def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     """Run a pipeline on a model and write the result (with --measure, time both in ORT)."""
     passes = resolve(parse_pipeline(args.pipeline))  # bad specs fail before any work
-    out = output_path(args.model, args.output)
     if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
         raise EdgeoptError(f"{args.report}: folder does not exist")
+    if args.emit != "onnx":
+        if args.measure or args.sparse_initializers:
+            raise EdgeoptError(f"--measure and --sparse-initializers apply to ONNX output, not "
+                               f"--emit {args.emit}")
+        return _emit_c(args, console, passes)
+    if args.budget or args.prefix:
+        raise EdgeoptError("--budget and --prefix apply to --emit c / c-header")
+    out = output_path(args.model, args.output)
     model = ir.load(args.model)
     _verify_input(model, args.model)
     calib = _load_calib(args, model)
@@ -113,6 +120,43 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         print(_packing_line(packing, sparse))
     before, after = os.path.getsize(args.model), os.path.getsize(out)
     print(f"wrote {out} ({human_bytes(before)} -> {human_bytes(after)})")
+    return 0
+
+
+def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
+    """``--emit c|c-header``: run the pipeline, then write the C library into a folder."""
+    from edgeopt.backends.c import emit_c, file_sha256, parse_budget
+
+    budget = parse_budget(args.budget) if args.budget else None
+    stem = os.path.splitext(os.path.basename(args.model))[0]
+    out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.model)),
+                                          stem + "_c")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EdgeoptError(f"{out_dir}: --emit {args.emit} writes a folder; this is a file")
+    model = ir.load(args.model)
+    _verify_input(model, args.model)
+    calib = _load_calib(args, model)
+    ctx = Context(calib=calib, progress=console.progress)
+    report = PassManager(passes, verify="end", instruments=[_Announce(console)]).run(model, ctx)
+    console.info(f"emitting {args.emit} ...")
+    result = emit_c(model, None, args.prefix or stem, mode=args.emit, budget=budget,
+                    pipeline=args.pipeline, source_sha256=file_sha256(args.model))
+    from edgeopt.backends.c import write_files
+
+    write_files(out_dir, result.files)  # only once everything above succeeded
+    data = {**report.to_dict(), "input": args.model, "output": out_dir,
+            "files": sorted(result.files), "c": result.report}
+    if args.report:
+        write_text_atomic(args.report, json.dumps(data, indent=2, default=str) + "\n")
+    if args.json:
+        print_json(data)
+        return 0
+    print(report.table())
+    c = result.report
+    print(f"flash: {c['flash_bytes']:,} bytes of constants; RAM: arena {c['arena']['size']:,} "
+          f"bytes (lower bound {c['arena']['lower_bound']:,}, without reuse "
+          f"{c['arena']['naive']:,}); {c['macs']:,} MACs; CRC-32 {c['crc32']}")
+    print(f"wrote {out_dir}/ ({', '.join(sorted(result.files))})")
     return 0
 
 

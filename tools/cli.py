@@ -74,6 +74,16 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                    help="write weights to a .data file beside the model (auto: when large or "
                         "when the input used external data)")
+    p.add_argument("--emit", choices=("onnx", "c", "c-header"), default="onnx",
+                   help="what to write: the optimized ONNX model (default); 'c': a C99 library "
+                        "(header, weights, schedule, kernels; static arena, CRC-32 check) in "
+                        "the folder -o (default MODEL_c/ beside the input); 'c-header': the "
+                        "constants only, in CMSIS-NN layouts, for your own runtime")
+    p.add_argument("--prefix", metavar="NAME",
+                   help="C symbol and file prefix for --emit c (default: the model's file name)")
+    p.add_argument("--budget", metavar="flash=SIZE,ram=SIZE",
+                   help="with --emit c: fail (writing nothing) unless the constants fit flash "
+                        "and the arena fits RAM, e.g. flash=256K,ram=64K")
     p.add_argument("--sparse-initializers", action="store_true",
                    help="write CSR-packed weights (the csr pass) as ONNX sparse_initializer "
                         "where that is smaller; ONNX Runtime loads them (default: dense, and "

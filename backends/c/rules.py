@@ -1,0 +1,429 @@
+"""Lowering rules for the layers: graph I/O, Q/DQ, Conv, Gemm/MatMul, pooling.
+
+Each rule lowers one ONNX node (and the Relu/Clip/QuantizeLinear it absorbs) into kernel
+calls; :data:`RULES` maps op types to rules (elementwise and data-movement rules live in
+:mod:`.rules_elementwise`). Rules raise :class:`~.lower.LoweringError` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeopt.ir import Node, Value
+from edgeopt.ir.quant import qdq_params
+from edgeopt.ir.sparse import CSRTensor
+
+from .lower import Lowerer, LoweringError, QView, Rule, c_identifier
+from .program import Op, Params
+from .reference import quantize_multiplier, requant_params
+
+__all__ = ["RULES", "bind_inputs", "bind_outputs", "rule"]
+
+RULES: dict[str, Rule] = {}
+FLT_MAX = "FLT_MAX"
+
+
+def rule(*op_types: str):
+    """Register a lowering rule for ``op_types``."""
+    def decorate(fn: Rule) -> Rule:
+        for op in op_types:
+            RULES[op] = fn
+        return fn
+    return decorate
+
+
+def c_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], str]:
+    """Storage shape and layout of an ONNX activation shape (4-D: NHWC)."""
+    if len(shape) == 4:
+        n, c, h, w = shape
+        return (n, h, w, c), "nhwc"
+    return tuple(shape), "plain"
+
+
+def _int8_params(qp, what: str) -> tuple[float, int]:
+    if qp is None or qp.per_channel or qp.dtype.name not in ("INT8", "UINT8"):
+        raise LoweringError(f"{what}: only per-tensor int8/uint8 activations are supported")
+    return float(qp.scale), int(qp.zero_point) - (128 if qp.dtype.name == "UINT8" else 0)
+
+
+# -- graph inputs and outputs ---------------------------------------------------------------
+def bind_inputs(lw: Lowerer) -> None:
+    """C inputs for the graph inputs: int8 when every reader quantizes them alike."""
+    for i, v in enumerate(x for x in lw.model.graph.inputs if not x.is_initializer()):
+        if v.shape is None or not all(isinstance(d, int) for d in v.shape):
+            raise LoweringError(f"cannot emit C: input {c_identifier(v.name)!r} has no static "
+                                "shape")
+        if v.dtype is None or v.dtype.name != "FLOAT":
+            raise LoweringError(f"cannot emit C: input {c_identifier(v.name)!r} is "
+                                f"{v.dtype.name if v.dtype else 'untyped'}; only float32 "
+                                "inputs are supported")
+        shape, layout = c_shape(lw.shape(v))
+        readers = [u.node for u in v.uses()]
+        qps = [qdq_params(n) for n in readers if n.op_type == "QuantizeLinear"]
+        same = len(qps) == len(readers) and readers and all(
+            q is not None and not q.per_channel and q.dtype.name in ("INT8", "UINT8")
+            and float(q.scale) == float(qps[0].scale) and int(q.zero_point) == int(
+                qps[0].zero_point) and q.dtype == qps[0].dtype for q in qps)
+        if same:
+            scale, zp = _int8_params(qps[0], "input")
+            t = lw.new_tensor(None, "int8_t", shape, layout, scale=scale, zero_point=zp,
+                              base=v.name)
+            for n in readers:
+                lw.done.add(id(n))
+                lw.bind(n.outputs[0], t)
+        else:
+            t = lw.new_tensor(v, "float", shape, layout)
+        t.io, t.index = "input", i
+        lw.program.inputs.append(t)
+
+
+def bind_outputs(lw: Lowerer) -> None:
+    """C outputs for the graph outputs (an int8 tensor when the output is dequantized)."""
+    for i, v in enumerate(lw.model.graph.outputs):
+        view = lw.view(v)
+        t = view.tensor if view is not None else lw.env.get(id(v))
+        if t is None:
+            t = lw.act(v)
+        if t.layout == "flat_hwc":
+            t = lw.as_layout(t, "plain")
+        if t.alias is not None or t.io is not None:
+            copy = lw.new_tensor(None, t.ctype, t.shape, t.layout, t.chw, t.scale,
+                                 t.zero_point, base=v.name)
+            lw.emit(Op("memcpy", c_identifier(v.name), "Identity", [copy, t, t.nbytes],
+                       [t], [copy]))
+            t = copy
+        t.io, t.index = "output", i
+        lw.program.outputs.append(t)
+
+
+# -- QuantizeLinear / DequantizeLinear --------------------------------------------------------
+@rule("DequantizeLinear")
+def dequantize_linear(lw: Lowerer, node: Node) -> None:
+    """An int8 activation read as float: a view, nothing is computed until a float op needs it."""
+    x = node.inputs[0]
+    if x is not None and x.const_value is not None:
+        return  # a weight: rules read it through Lowerer.qconstant
+    t = lw.env.get(id(x)) if x is not None else None
+    if t is None or t.ctype != "int8_t":
+        raise LoweringError("input is not an int8 activation")
+    scale, zp = _int8_params(qdq_params(node), "DequantizeLinear")
+    if (scale, zp) != (t.scale, t.zero_point):
+        raise LoweringError("parameters differ from the QuantizeLinear that produced the input")
+    lw.views[id(node.outputs[0])] = QView(t, scale, zp)
+
+
+@rule("QuantizeLinear")
+def quantize_linear(lw: Lowerer, node: Node) -> None:
+    """Float to int8 (eo_quantize_s8), or int8 to int8 (free, or eo_requantize_s8)."""
+    scale, zp = _int8_params(qdq_params(node), "QuantizeLinear")
+    x, out = node.inputs[0], node.outputs[0]
+    view = lw.view(x)
+    if view is not None:
+        src = view.tensor
+        if (view.scale, view.zero_point) == (scale, zp):
+            lw.bind(out, src)
+            return
+        t = lw.new_tensor(out, "int8_t", src.shape, src.layout, src.chw, scale, zp)
+        mult, shift = quantize_multiplier(view.scale / scale)
+        lw.emit(Op("eo_requantize_s8", lw.label(node), "QuantizeLinear",
+                   [-view.zero_point, zp, mult, shift, src, t, t.size], [src], [t]))
+        return
+    src = lw.act(x)
+    t = lw.new_tensor(out, "int8_t", src.shape, src.layout, src.chw, scale, zp)
+    lw.emit(Op("eo_quantize_s8", lw.label(node), "QuantizeLinear",
+               [scale, zp, src, t, t.size], [src], [t]))
+
+
+# -- convolution ------------------------------------------------------------------------------
+def conv_geometry(node: Node, x: tuple[int, ...], y: tuple[int, ...], k: tuple[int, int]
+                  ) -> dict[str, int]:
+    """Strides, dilations and top/left padding of a 2-D Conv or pool (``pads`` or auto_pad)."""
+    strides = list(node.attr("strides", [1, 1]))
+    dil = list(node.attr("dilations", [1, 1]))
+    auto = node.attr("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for i in range(2):
+            total = max(0, (y[2 + i] - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - x[2 + i])
+            pads.append(total // 2 if auto == "SAME_UPPER" else total - total // 2)
+    elif auto == "VALID":
+        pads = [0, 0]
+    else:
+        pads = list(node.attr("pads", [0, 0, 0, 0]))[:2]
+    return {"stride_h": strides[0], "stride_w": strides[1], "dil_h": dil[0], "dil_w": dil[1],
+            "pad_top": pads[0], "pad_left": pads[1]}
+
+
+def _conv_weights(w: np.ndarray, depthwise: bool) -> np.ndarray:
+    """ONNX ``[O, I/g, kh, kw]`` -> OHWI, or ``[kh, kw, O]`` for a depthwise conv."""
+    if depthwise:
+        return np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+    return np.ascontiguousarray(w.transpose(0, 2, 3, 1))
+
+
+def _csr_or_dense(lw: Lowerer, base: str, ctype: str, matrix: np.ndarray, packed: bool):
+    """The weight as a CSR block (when the IR packed it and CSR is smaller) or dense."""
+    if packed and lw.sparse:
+        csr = CSRTensor.pack(matrix.reshape(matrix.shape[0], -1))
+        if csr.stored_nbytes < matrix.size * np.dtype(matrix.dtype).itemsize:
+            return csr_block(lw, base, ctype, csr)
+    return lw.const(base + "_w", ctype, matrix)
+
+
+def csr_block(lw: Lowerer, base: str, ctype: str, csr: CSRTensor):
+    """The ``eo_csr`` parameter block of a packed weight (its arrays become constants)."""
+    values = lw.const(base + "_csr_values", ctype, csr.values)
+    idx_t = f"uint{csr.col_idx.dtype.itemsize * 8}_t"
+    ptr_t = f"uint{csr.row_ptr.dtype.itemsize * 8}_t"
+    cols = lw.const(base + "_csr_cols", idx_t, csr.col_idx)
+    rows = lw.const(base + "_csr_rows", ptr_t, csr.row_ptr)
+    return lw.params("eo_csr", values=values, col_idx=cols, row_ptr=rows, rows=csr.dims[0],
+                     cols=csr.dims[1], idx_bytes=csr.col_idx.dtype.itemsize,
+                     ptr_bytes=csr.row_ptr.dtype.itemsize)
+
+
+def _bias_int32(lw: Lowerer, b: Value | None, s_in: float, s_w: np.ndarray) -> np.ndarray:
+    """The int32 bias at ``s_in * s_w[c]`` (the file's own integers when they are at it)."""
+    n = len(s_w)
+    if b is None:
+        return np.zeros(n, np.int32)
+    expected = (np.float32(s_in) * s_w.astype(np.float32)).astype(np.float64)
+    q = lw.qconstant(b)
+    if q is not None:
+        ints, qp, _ = q
+        scale = np.broadcast_to(np.asarray(qp.scale, np.float64), (n,))
+        if qp.dtype.name == "INT32" and not np.any(qp.zero_point) and np.allclose(
+                scale, expected, rtol=1e-6, atol=0):
+            return np.broadcast_to(ints.ravel(), (n,)).astype(np.int32)
+    f = lw.constant(b)
+    if f is None:
+        raise LoweringError("bias is not constant")
+    return np.clip(np.round(np.broadcast_to(f.ravel(), (n,)) / expected), -2**31,
+                   2**31 - 1).astype(np.int32)
+
+
+def _multipliers(lw: Lowerer, base: str, real: np.ndarray):
+    pairs = [quantize_multiplier(float(r)) for r in real]
+    return (lw.const(base + "_mult", "int32_t", np.array([m for m, _ in pairs], np.int32)),
+            lw.const(base + "_shift", "int32_t", np.array([s for _, s in pairs], np.int32)))
+
+
+@rule("Conv")
+def conv(lw: Lowerer, node: Node) -> None:
+    """2-D Conv (any stride, padding, dilation, groups; depthwise kernel for depthwise)."""
+    x, w, b = node.inputs[0], node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    xs, ys = lw.shape(x), lw.shape(node.outputs[0])
+    if len(xs) != 4:
+        raise LoweringError(f"only 2-D convolutions are supported (input rank {len(xs)})")
+    group = int(node.attr("group", 1))
+    q, view, wq = lw.int8_output(node), lw.view(x), lw.qconstant(w)
+    int8 = q is not None and view is not None and wq is not None
+    wf = wq[0] if int8 else lw.constant(w)
+    if wf is None:
+        raise LoweringError("the weight is not constant")
+    kh, kw = wf.shape[2], wf.shape[3]
+    depthwise = group > 1 and group == xs[1] and wf.shape[1] == 1
+    stored = wq[2] if int8 else w.const_value
+    packed = isinstance(stored, CSRTensor) and not depthwise
+    base = lw.label(node)
+    p = {"batch": xs[0], "in_h": xs[2], "in_w": xs[3], "in_c": xs[1], "out_h": ys[2],
+         "out_w": ys[3], "out_c": ys[1], "k_h": kh, "k_w": kw,
+         **conv_geometry(node, xs, ys, (kh, kw)), "groups": group}
+    macs = math.prod(ys) * wf.shape[1] * kh * kw
+    kernel = "eo_depthwise_conv" if depthwise else "eo_conv"
+    if int8:
+        qnode, fused, s_out, zp_out, amin, amax = q
+        _ints, wqp, _ = wq
+        if np.any(wqp.zero_point):
+            raise LoweringError("int8 weights must be symmetric (zero point 0)")
+        s_w = np.broadcast_to(np.asarray(wqp.scale, np.float32).ravel(), (ys[1],))
+        xt = lw.as_layout(view.tensor, "nhwc")
+        bias = lw.const(base + "_b", "int32_t", _bias_int32(lw, b, view.scale, s_w))
+        mult, shift = _multipliers(lw, base, view.scale * s_w.astype(np.float64) / s_out)
+        weights = _csr_or_dense(lw, base, "int8_t", _conv_weights(wf.astype(np.int8),
+                                                                   depthwise), packed)
+        out = lw.new_tensor(qnode.outputs[0], "int8_t", c_shape(ys)[0], "nhwc", scale=s_out,
+                            zero_point=zp_out)
+        lw.done.update(id(n) for n in (qnode, *fused))
+        params = lw.params("eo_conv_params", **p, in_offset=-view.zero_point,
+                           out_offset=zp_out, act_min=amin, act_max=amax, fact_min=0.0,
+                           fact_max=0.0)
+        name = kernel + "_s8" + ("_csr" if isinstance(weights, Params) else "")
+        lw.emit(Op(name, base, "Conv", [params, xt, weights, bias, mult, shift, out], [xt],
+                   [out], macs))
+        return
+    xt = lw.as_layout(lw.act(x), "nhwc")
+    out_v, lo, hi, fused = lw.float_fusion(node)
+    bf = lw.constant(b) if b is not None else np.zeros(ys[1], np.float32)
+    if bf is None:
+        raise LoweringError("bias is not constant")
+    bias = lw.const(base + "_b", "float", np.broadcast_to(bf.ravel(), (ys[1],)))
+    weights = _csr_or_dense(lw, base, "float", _conv_weights(wf.astype(np.float32), depthwise),
+                            packed)
+    out = lw.new_tensor(out_v, "float", c_shape(ys)[0], "nhwc")
+    lw.done.update(id(n) for n in fused)
+    params = lw.params("eo_conv_params", **p, in_offset=0, out_offset=0, act_min=-128,
+                       act_max=127, fact_min=_flt(lo), fact_max=_flt(hi))
+    name = kernel + "_f32" + ("_csr" if isinstance(weights, Params) else "")
+    lw.emit(Op(name, base, "Conv", [params, xt, weights, bias, out], [xt], [out], macs))
+
+
+def _flt(x: float):
+    """A float clamp bound for C (infinities become FLT_MAX)."""
+    if x == np.inf:
+        return FLT_MAX
+    if x == -np.inf:
+        return "-" + FLT_MAX
+    return float(x)
+
+
+# -- fully connected --------------------------------------------------------------------------
+def _fc_matrix(lw: Lowerer, node: Node, w: np.ndarray) -> np.ndarray:
+    """The weight as ``[out][in]``."""
+    if node.op_type == "Gemm":
+        if node.attr("transA", 0):
+            raise LoweringError("Gemm with transA is not supported")
+        return w if node.attr("transB", 0) else w.T
+    if w.ndim != 2:
+        raise LoweringError("MatMul needs a constant 2-D weight")
+    return w.T
+
+
+def _hwc_columns(m: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """Reorder ``[out][C*H*W]`` columns to the ``(h, w, c)`` order of a flattened NHWC input."""
+    c, h, w = chw
+    return np.ascontiguousarray(m.reshape(m.shape[0], c, h, w).transpose(0, 2, 3, 1)
+                                .reshape(m.shape[0], -1))
+
+
+@rule("Gemm", "MatMul")
+def fully_connected(lw: Lowerer, node: Node) -> None:
+    """Gemm / MatMul with a constant weight (a batch of rows times ``[in, out]``)."""
+    a, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    xs, ys = lw.shape(a), lw.shape(node.outputs[0])
+    if len(xs) < 2:
+        raise LoweringError("the input must have a batch axis")
+    q, view, wq = lw.int8_output(node), lw.view(a), lw.qconstant(w)
+    int8 = q is not None and view is not None and wq is not None
+    wf = wq[0] if int8 else lw.constant(w)
+    if wf is None:
+        raise LoweringError("the weight is not constant")
+    alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
+    if int8 and (alpha != 1.0 or beta != 1.0):
+        raise LoweringError("int8 Gemm needs alpha = beta = 1")
+    m = _fc_matrix(lw, node, wf)
+    src = view.tensor if int8 else lw.act(a)
+    if src.layout == "nhwc":
+        src = lw.as_layout(src, "plain")
+    if src.layout == "flat_hwc":
+        m = _hwc_columns(m, src.chw)  # type: ignore[arg-type]
+    stored = wq[2] if int8 else w.const_value
+    packed = isinstance(stored, CSRTensor)
+    base, batch = lw.label(node), math.prod(xs[:-1])
+    p = {"batch": batch, "in_features": m.shape[1], "out_features": m.shape[0]}
+    macs = batch * m.shape[0] * m.shape[1]
+    if int8:
+        qnode, fused, s_out, zp_out, amin, amax = q
+        _i, wqp, _ = wq
+        if np.any(wqp.zero_point):
+            raise LoweringError("int8 weights must be symmetric (zero point 0)")
+        s_w = np.broadcast_to(np.asarray(wqp.scale, np.float32).ravel(), (m.shape[0],))
+        bias = lw.const(base + "_b", "int32_t", _bias_int32(lw, b, view.scale, s_w))
+        mult, shift = _multipliers(lw, base, view.scale * s_w.astype(np.float64) / s_out)
+        weights = _csr_or_dense(lw, base, "int8_t", m.astype(np.int8), packed)
+        out = lw.new_tensor(qnode.outputs[0], "int8_t", ys, scale=s_out, zero_point=zp_out)
+        lw.done.update(id(n) for n in (qnode, *fused))
+        params = lw.params("eo_fc_params", **p, in_offset=-view.zero_point, out_offset=zp_out,
+                           act_min=amin, act_max=amax, fact_min=0.0, fact_max=0.0)
+        name = "eo_fc_s8" + ("_csr" if isinstance(weights, Params) else "")
+        lw.emit(Op(name, base, node.op_type, [params, src, weights, bias, mult, shift, out],
+                   [src], [out], macs))
+        return
+    out_v, lo, hi, fused = lw.float_fusion(node)
+    bf = np.zeros(m.shape[0], np.float32) if b is None else lw.constant(b)
+    if bf is None:
+        raise LoweringError("bias is not constant")
+    bias = lw.const(base + "_b", "float", np.broadcast_to(
+        (np.float32(beta) * bf.astype(np.float32)).ravel(), (m.shape[0],)))
+    weights = _csr_or_dense(lw, base, "float", (np.float32(alpha) * m).astype(np.float32),
+                            packed)
+    out = lw.new_tensor(out_v, "float", ys)
+    lw.done.update(id(n) for n in fused)
+    params = lw.params("eo_fc_params", **p, in_offset=0, out_offset=0, act_min=-128,
+                       act_max=127, fact_min=_flt(lo), fact_max=_flt(hi))
+    name = "eo_fc_f32" + ("_csr" if isinstance(weights, Params) else "")
+    lw.emit(Op(name, base, node.op_type, [params, src, weights, bias, out], [src], [out], macs))
+
+
+# -- pooling ----------------------------------------------------------------------------------
+def _pool_params(node: Node, xs, ys, k) -> dict[str, int]:
+    g = conv_geometry(node, xs, ys, k)
+    if g["dil_h"] != 1 or g["dil_w"] != 1:
+        raise LoweringError("dilated pooling is not supported")
+    return {"batch": xs[0], "in_h": xs[2], "in_w": xs[3], "c": xs[1], "out_h": ys[2],
+            "out_w": ys[3], "k_h": k[0], "k_w": k[1], "stride_h": g["stride_h"],
+            "stride_w": g["stride_w"], "pad_top": g["pad_top"], "pad_left": g["pad_left"]}
+
+
+@rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+def pool(lw: Lowerer, node: Node) -> None:
+    """Max / average pooling; global average pooling is a mean over H and W."""
+    x = node.inputs[0]
+    xs, ys = lw.shape(x), lw.shape(node.outputs[0])
+    if len(xs) != 4:
+        raise LoweringError("only 2-D pooling is supported")
+    if len(node.outputs) > 1 and node.outputs[1].uses():
+        raise LoweringError("MaxPool indices are not supported")
+    if node.op_type == "AveragePool" and node.attr("count_include_pad", 0) and \
+            any(node.attr("pads", [0])):
+        raise LoweringError("count_include_pad=1 with padding is not supported")
+    glob = node.op_type.startswith("Global")
+    k = (xs[2], xs[3]) if glob else tuple(node.attr("kernel_shape"))
+    p = {"batch": xs[0], "in_h": xs[2], "in_w": xs[3], "c": xs[1], "out_h": 1, "out_w": 1,
+         "k_h": k[0], "k_w": k[1], "stride_h": 1, "stride_w": 1, "pad_top": 0,
+         "pad_left": 0} if glob else _pool_params(node, xs, ys, k)
+    mean = node.op_type == "GlobalAveragePool"
+    kind = "max" if "Max" in node.op_type else "avg"
+    q, view = lw.int8_output(node), lw.view(x)
+    base, macs = lw.label(node), math.prod(ys) * k[0] * k[1]
+    if q is not None and view is not None:
+        qnode, fused, s_out, zp_out, amin, amax = q
+        xt = lw.as_layout(view.tensor, "nhwc")
+        out = lw.new_tensor(qnode.outputs[0], "int8_t", c_shape(ys)[0], "nhwc", scale=s_out,
+                            zero_point=zp_out)
+        if mean:
+            mult, shift = requant_params(view.scale, s_out)  # TFLite Mean: divides after
+            op = Op("eo_mean_hw_s8", base, node.op_type, [xs[0], xs[2] * xs[3], xs[1],
+                    -view.zero_point, zp_out, mult, shift, xt, out], [xt], [out], macs)
+        elif (view.scale, view.zero_point) != (s_out, zp_out):
+            raise LoweringError("int8 pooling needs the same scale and zero point in and out")
+        else:
+            params = lw.params("eo_pool_params", **p, act_min=amin, act_max=amax,
+                               fact_min=0.0, fact_max=0.0)
+            op = Op(f"eo_{kind}pool_s8", base, node.op_type, [params, xt, out], [xt], [out], macs)
+        lw.done.update(id(n) for n in (qnode, *fused))
+        lw.emit(op)
+        return
+    xt = lw.as_layout(lw.act(x), "nhwc")
+    out_v, lo, hi, fused = lw.float_fusion(node)
+    out = lw.new_tensor(out_v, "float", c_shape(ys)[0], "nhwc")
+    lw.done.update(id(n) for n in fused)
+    if mean and lo == -np.inf and hi == np.inf:
+        op = Op("eo_mean_hw_f32", base, node.op_type, [xs[0], xs[2] * xs[3], xs[1], xt, out],
+                [xt], [out], macs)
+    else:
+        params = lw.params("eo_pool_params", **p, act_min=-128, act_max=127,
+                           fact_min=_flt(lo), fact_max=_flt(hi))
+        op = Op(f"eo_{kind}pool_f32", base, node.op_type, [params, xt, out], [xt], [out], macs)
+    lw.emit(op)
+
+
+def register_all() -> dict[str, Rule]:
+    """Every rule (importing the elementwise module registers its rules)."""
+    from . import rules_elementwise  # noqa: F401
+
+    return RULES

@@ -1,0 +1,386 @@
+"""Lowering rules for elementwise ops, activations, Softmax and data movement.
+
+Binary ops broadcast like NumPy over at most 4 dims (strides of 0 repeat an operand). A
+unary op on an int8 tensor is a 256-entry lookup table built here from the float function,
+exactly as ONNX Runtime computes DequantizeLinear -> op -> QuantizeLinear element by
+element. Reshape, Flatten, Squeeze, Unsqueeze, Identity and Dropout are free (an alias of
+the input's storage) unless the layout forces a transpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeopt.ir import Node, Value
+
+from . import reference as ref
+from .lower import Lowerer, LoweringError, QView, clamp_bounds
+from .program import Const, Op, Ptrs, TensorRef
+from .rules import _flt, c_shape, rule
+
+__all__ = ["UNARY"]
+
+
+# -- binary -----------------------------------------------------------------------------------
+def _operand(lw: Lowerer, v: Value, int8: bool):
+    """``(tensor or None, constant or None, view or None)`` of one operand."""
+    view = lw.view(v)
+    if view is not None:
+        return (view.tensor if int8 else None), None, view
+    t = lw.env.get(id(v))
+    if t is not None:
+        return t, None, None
+    c = lw.constant(v)
+    if c is None:
+        raise LoweringError(f"operand {v.name!r} is neither computed nor constant")
+    return None, c, None
+
+
+def _strides(shape: tuple[int, ...], out: tuple[int, ...]) -> list[int]:
+    """Element strides of ``shape`` (rank-padded to ``out``) with 0 on broadcast axes."""
+    shape = (1,) * (len(out) - len(shape)) + tuple(shape)
+    strides, step = [0] * len(shape), 1
+    for i in range(len(shape) - 1, -1, -1):
+        strides[i] = 0 if shape[i] == 1 and out[i] != 1 else step
+        step *= shape[i]
+    return [0] * (4 - len(out)) + strides
+
+
+def _const_operand(lw: Lowerer, base: str, c: np.ndarray, ys: tuple[int, ...], layout: str,
+                   ctype: str, qparams: tuple[float, int] | None) -> tuple[Const, tuple]:
+    arr = c.reshape((1,) * (len(ys) - c.ndim) + c.shape)
+    if layout == "nhwc":
+        arr = arr.transpose(0, 2, 3, 1)
+    if qparams is not None:
+        s, z = qparams
+        arr = np.clip(np.round(arr.astype(np.float64) / s) + z, -128, 127)
+    return lw.const(base, ctype, np.ascontiguousarray(arr)), arr.shape
+
+
+BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
+
+
+@rule("Add", "Sub", "Mul", "Div")
+def binary(lw: Lowerer, node: Node) -> None:
+    """Elementwise arithmetic with broadcasting (int8 for Add, Sub and Mul)."""
+    a, b = node.inputs[0], node.inputs[1]
+    ys = lw.shape(node.outputs[0])
+    if len(ys) > 4:
+        raise LoweringError("more than 4 dimensions")
+    q = lw.int8_output(node) if node.op_type != "Div" else None
+    views = [lw.view(a), lw.view(b)]
+    consts = [lw.qconstant(v) for v in (a, b)]
+    int8 = q is not None and all(v is not None or (c is not None and not c[1].per_channel)
+                                 for v, c in zip(views, consts, strict=True))
+    ops = [_operand(lw, v, int8) for v in (a, b)]
+    layout = "nhwc" if len(ys) == 4 and any((t is not None and t.layout == "nhwc") or
+                                            (vw is not None and vw.tensor.layout == "nhwc")
+                                            for t, _, vw in ops) else "plain"
+    out_shape = c_shape(ys)[0] if layout == "nhwc" else ys
+    base = lw.label(node)
+    args, reads, qps = [], [], []
+    for i, (v, (t, c, vw)) in enumerate(zip((a, b), ops, strict=True)):
+        if int8:
+            if vw is not None:
+                t, qp = vw.tensor, (vw.scale, vw.zero_point)
+            else:
+                _ints, cqp, _ = consts[i]
+                qp = (float(cqp.scale), int(cqp.zero_point) - (128 if cqp.dtype.name == "UINT8"
+                                                               else 0))
+                c = lw.constant(v)
+        else:
+            qp = None
+            if t is None and c is None:
+                t = lw.act(v)
+        if t is not None:
+            if t.layout == "flat_hwc" or (t.layout != layout and len(t.shape) == 4):
+                t = lw.as_layout(t, layout)
+            if len(lw.shape(v)) != len(ys) and layout == "nhwc":
+                raise LoweringError("a lower-rank activation broadcast against a 4-D one")
+            args.append(t)
+            reads.append(t)
+            shape = t.shape
+        else:
+            const, shape = _const_operand(lw, f"{base}_{'ab'[i]}", c, ys,  # type: ignore[arg-type]
+                                          layout, "int8_t" if int8 else "float", qp)
+            args.append(const)
+        qps.append(qp)
+        args.append(_strides(tuple(shape), out_shape))
+    dims = [1] * (4 - len(out_shape)) + list(out_shape)
+    same = [r for r in reads if r.shape == tuple(out_shape)]
+    if int8:
+        qnode, fused, s_out, zp_out, amin, amax = q  # type: ignore[misc]
+        out = lw.new_tensor(qnode.outputs[0], "int8_t", out_shape, layout, scale=s_out,
+                            zero_point=zp_out)
+        lw.done.update(id(n) for n in (qnode, *fused))
+        fields = _int8_binary(node.op_type, qps, s_out, zp_out)
+        fields |= {"act_min": amin, "act_max": amax, "fact_min": 0.0, "fact_max": 0.0}
+        suffix = "s8"
+    else:
+        out_v, lo, hi, fused = lw.float_fusion(node)
+        out = lw.new_tensor(out_v, "float", out_shape, layout)
+        lw.done.update(id(n) for n in fused)
+        fields = {"fact_min": _flt(lo), "fact_max": _flt(hi)}
+        suffix = "f32"
+    params = lw.params("eo_binary_params", dims=dims, a_stride=args[1], b_stride=args[3],
+                       **fields)
+    lw.emit(Op(f"eo_{BINARY[node.op_type]}_{suffix}", base, node.op_type,
+               [params, args[0], args[2], out], reads, [out], 0,
+               same[0] if same and out.ctype == same[0].ctype else None))
+
+
+def _int8_binary(op: str, qps, s_out: float, zp_out: int) -> dict[str, int]:
+    """TFLite's int8 Add/Sub (left shift 20, input and output multipliers) or Mul parameters."""
+    (sa, za), (sb, zb) = qps
+    if op == "Mul":
+        m = ref.mul_params(sa, za, sb, zb, s_out, zp_out)
+        return {"a_offset": m.a_offset, "b_offset": m.b_offset, "out_offset": m.out_offset,
+                "left_shift": 0, "a_mult": 0, "a_shift": 0, "b_mult": 0, "b_shift": 0,
+                "out_mult": m.out_mult, "out_shift": m.out_shift}
+    a = ref.add_params(sa, za, sb, zb, s_out, zp_out)
+    return {k: getattr(a, k) for k in ("a_offset", "b_offset", "out_offset", "left_shift",
+                                       "a_mult", "a_shift", "b_mult", "b_shift", "out_mult",
+                                       "out_shift")}
+
+
+# -- unary ------------------------------------------------------------------------------------
+def _hardswish(x: np.ndarray) -> np.ndarray:
+    return x * np.clip(x / np.float32(6) + np.float32(0.5), 0, 1)
+
+
+#: op_type -> (float kernel, numpy function for the int8 lookup table, extra args)
+UNARY = {
+    "Sigmoid": ("eo_sigmoid_f32", lambda x, n: 1 / (1 + np.exp(-x))),
+    "Tanh": ("eo_tanh_f32", lambda x, n: np.tanh(x)),
+    "HardSwish": ("eo_hardswish_f32", lambda x, n: _hardswish(x)),
+    "LeakyRelu": ("eo_leaky_relu_f32",
+                  lambda x, n: np.where(x < 0, x * np.float32(n.attr("alpha", 0.01)), x)),
+}
+
+
+def _lut(fn, node: Node, vw: QView, s_out: float, zp_out: int, lo: float, hi: float
+         ) -> np.ndarray:
+    """The int8 table of ``clip(fn(x), lo, hi)``, quantized as ONNX QuantizeLinear does."""
+    def f(x: np.ndarray) -> np.ndarray:
+        y = np.asarray(fn(x, node), np.float32) if fn is not None else x
+        return np.clip(y, np.float32(lo), np.float32(hi))
+    return ref.lut(f, vw.scale, vw.zero_point, s_out, zp_out, half_even=True)
+
+
+@rule("Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu")
+def unary(lw: Lowerer, node: Node) -> None:
+    """Activations: int8 lookup tables, or float kernels (Relu/Clip: a clamp)."""
+    x = node.inputs[0]
+    q, vw = lw.int8_output(node), lw.view(x)
+    base = lw.label(node)
+    bounds = clamp_bounds(node, lw)
+    if node.op_type == "Clip" and bounds is None:
+        raise LoweringError("Clip bounds must be constant")
+    fn = None if bounds is not None else UNARY[node.op_type][1]
+    if q is not None and vw is not None:
+        qnode, fused, s_out, zp_out, amin, amax = q
+        lo, hi = bounds if bounds is not None else (-np.inf, np.inf)
+        lut = _lut(fn, node, vw, s_out, zp_out, lo, hi)
+        lut = np.clip(lut, amin, amax).astype(np.int8)
+        t = vw.tensor
+        out = lw.new_tensor(qnode.outputs[0], "int8_t", t.shape, t.layout, t.chw, s_out, zp_out)
+        lw.done.update(id(n) for n in (qnode, *fused))
+        table = lw.const(base + "_lut", "int8_t", lut)
+        lw.emit(Op("eo_lut_s8", base, node.op_type, [table, t, out, t.size], [t], [out], 0, t))
+        return
+    t = lw.act(x)
+    if bounds is not None:
+        out_v, lo, hi, fused = lw.float_fusion(node)
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        out = lw.new_tensor(out_v, "float", t.shape, t.layout, t.chw)
+        lw.done.update(id(n) for n in fused)
+        lw.emit(Op("eo_clamp_f32", base, node.op_type, [_flt(lo), _flt(hi), t, out, t.size],
+                   [t], [out], 0, t))
+        return
+    out = lw.new_tensor(node.outputs[0], "float", t.shape, t.layout, t.chw)
+    kernel = UNARY[node.op_type][0]
+    extra = [float(node.attr("alpha", 0.01))] if node.op_type == "LeakyRelu" else []
+    lw.emit(Op(kernel, base, node.op_type, [*extra, t, out, t.size], [t], [out], 0, t))
+
+
+@rule("PRelu")
+def prelu(lw: Lowerer, node: Node) -> None:
+    """PRelu with a constant slope per channel (or one slope), float."""
+    t = lw.act(node.inputs[0])
+    slope = lw.constant(node.inputs[1])
+    if slope is None:
+        raise LoweringError("the slope is not constant")
+    channels = slope.size
+    if channels > 1:
+        xs = lw.shape(node.inputs[0])
+        ch_axis = 1 if len(xs) >= 2 else 0
+        if slope.size != xs[ch_axis] or t.layout == "flat_hwc":
+            raise LoweringError("the slope must be per channel (axis 1) or a scalar")
+        if t.layout == "plain" and len(xs) > 2:
+            t = lw.as_layout(t, "nhwc") if len(xs) == 4 else t
+            if t.layout == "plain":
+                raise LoweringError("per-channel slope on a tensor of rank 3 or above 4")
+    out = lw.new_tensor(node.outputs[0], "float", t.shape, t.layout, t.chw)
+    c = lw.const(lw.label(node) + "_slope", "float", slope.ravel())
+    lw.emit(Op("eo_prelu_f32", lw.label(node), "PRelu", [c, channels, t, out, t.size], [t],
+               [out], 0, t))
+
+
+@rule("Softmax")
+def softmax(lw: Lowerer, node: Node) -> None:
+    """Softmax over the last storage axis (ONNX axis -1, or the channels of an NCHW tensor)."""
+    t = lw.act(node.inputs[0])
+    xs = lw.shape(node.inputs[0])
+    axis = int(node.attr("axis", -1 if lw.model.opset_imports.get("", 13) >= 13 else 1))
+    axis %= len(xs)
+    if t.layout == "flat_hwc":
+        t = lw.as_layout(t, "plain")
+    last = (t.layout == "nhwc" and axis == 1) or (t.layout == "plain" and axis == len(xs) - 1)
+    if not last:
+        raise LoweringError(f"Softmax over axis {axis} of a rank-{len(xs)} tensor")
+    out = lw.new_tensor(node.outputs[0], "float", t.shape, t.layout, t.chw)
+    n = t.shape[-1]
+    lw.emit(Op("eo_softmax_f32", lw.label(node), "Softmax", [t.size // n, n, t, out], [t],
+               [out]))
+
+
+# -- data movement ----------------------------------------------------------------------------
+def _source(lw: Lowerer, v: Value) -> tuple[TensorRef, QView | None]:
+    vw = lw.view(v)
+    return (vw.tensor, vw) if vw is not None else (lw.act(v), None)
+
+
+def _bind_result(lw: Lowerer, node: Node, t: TensorRef, vw: QView | None) -> None:
+    if vw is not None:
+        lw.views[id(node.outputs[0])] = QView(t, vw.scale, vw.zero_point)
+    else:
+        lw.bind(node.outputs[0], t)
+
+
+def _alias(lw: Lowerer, node: Node, src: TensorRef, shape, layout: str, chw=None) -> TensorRef:
+    t = lw.new_tensor(None, src.ctype, shape, layout, chw, src.scale, src.zero_point,
+                      alias=src, base=node.outputs[0].name)
+    return t
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+def reshape(lw: Lowerer, node: Node) -> None:
+    """Free reshapes: an alias of the input's storage (after a transpose if the layout needs)."""
+    src, vw = _source(lw, node.inputs[0])
+    xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
+    if node.op_type in ("Identity", "Dropout"):
+        _bind_result(lw, node, src, vw)
+        return
+    if src.layout == "plain" or (src.layout == "nhwc" and xs[2] * xs[3] == 1):
+        # Same bytes in ONNX order; a 4-D result with 1x1 spatial dims is NHWC as well.
+        one = len(ys) == 4 and ys[2] * ys[3] == 1
+        shape, layout, chw = (c_shape(ys)[0], "nhwc", None) if one else (ys, "plain", None)
+    elif src.layout == "nhwc" and len(ys) == 2 and ys[0] == xs[0]:
+        shape, layout, chw = ys, "flat_hwc", (xs[1], xs[2], xs[3])
+    elif src.layout == "flat_hwc" and tuple(ys) == tuple(xs):
+        shape, layout, chw = ys, "flat_hwc", src.chw
+    else:
+        src = lw.as_layout(src, "plain")
+        shape, layout, chw = ys, "plain", None
+    _bind_result(lw, node, _alias(lw, node, src, shape, layout, chw), vw)
+
+
+@rule("Transpose")
+def transpose(lw: Lowerer, node: Node) -> None:
+    """Transpose: free when it only changes the layout label, else eo_transpose (rank <= 4)."""
+    src, vw = _source(lw, node.inputs[0])
+    xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
+    perm = list(node.attr("perm", list(range(len(xs)))[::-1]))
+    if len(xs) > 4:
+        raise LoweringError("more than 4 dimensions")
+    if src.layout == "nhwc" and perm == [0, 2, 3, 1]:  # NCHW -> NHWC: the data already is
+        _bind_result(lw, node, _alias(lw, node, src, ys, "plain"), vw)
+        return
+    if src.layout == "plain" and perm == [0, 3, 1, 2] and len(xs) == 4:
+        _bind_result(lw, node, _alias(lw, node, src, c_shape(ys)[0], "nhwc"), vw)
+        return
+    src = lw.as_layout(src, "plain")
+    dims = list(xs) + [1] * (4 - len(xs))
+    perm4 = perm + list(range(len(perm), 4))
+    out = lw.new_tensor(None, src.ctype, ys, "plain", None, src.scale, src.zero_point,
+                        base=node.outputs[0].name)
+    lw.emit(Op("eo_transpose", lw.label(node), "Transpose",
+               [lw.dims_const(dims), lw.dims_const(perm4), src.nbytes // src.size, src, out],
+               [src], [out]))
+    _bind_result(lw, node, out, vw)
+
+
+@rule("Concat")
+def concat(lw: Lowerer, node: Node) -> None:
+    """Concat (int8 when every input has the output's scale and zero point)."""
+    ys = lw.shape(node.outputs[0])
+    axis = int(node.attr("axis")) % len(ys)
+    q = lw.int8_output(node)
+    views = [lw.view(v) for v in node.inputs]
+    int8 = q is not None and all(v is not None and (v.scale, v.zero_point) == q[2:4]
+                                 for v in views)
+    srcs = [v.tensor for v in views] if int8 else [lw.act(v) for v in node.inputs]
+    layout = "nhwc" if len(ys) == 4 and any(s.layout == "nhwc" for s in srcs) else "plain"
+    srcs = [lw.as_layout(s, layout) for s in srcs]
+    c_axis = {0: 0, 1: 3, 2: 1, 3: 2}[axis] if layout == "nhwc" else axis
+    shape = c_shape(ys)[0] if layout == "nhwc" else ys
+    elem = srcs[0].nbytes // max(srcs[0].size, 1)
+    sizes = [math.prod(s.shape[c_axis:]) * elem for s in srcs]
+    outer = math.prod(shape[:c_axis])
+    if int8:
+        qnode, fused, s_out, zp_out, _amin, _amax = q  # type: ignore[misc]
+        if fused:
+            raise LoweringError("an activation after an int8 Concat")
+        out = lw.new_tensor(qnode.outputs[0], "int8_t", shape, layout, scale=s_out,
+                            zero_point=zp_out)
+        lw.done.add(id(qnode))
+    else:
+        out = lw.new_tensor(node.outputs[0], "float", shape, layout)
+    lw.emit(Op("eo_concat", lw.label(node), "Concat",
+               [len(srcs), Ptrs(srcs), "(const int32_t[]){" + ", ".join(map(str, sizes)) + "}",
+                outer, out], srcs, [out]))
+
+
+@rule("Pad")
+def pad(lw: Lowerer, node: Node) -> None:
+    """Constant padding of a tensor of rank <= 4 (pads of an NCHW tensor applied in NHWC)."""
+    mode = node.attr("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise LoweringError(f"Pad mode {mode!r} is not supported")
+    pads = lw.constant(node.inputs[1]) if len(node.inputs) > 1 else np.array(node.attr("pads"))
+    if pads is None or (len(node.inputs) > 3 and node.inputs[3] is not None):
+        raise LoweringError("pads must be constant and cover every axis")
+    value = lw.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None \
+        else np.zeros(())
+    src, vw = _source(lw, node.inputs[0])
+    xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
+    r = len(xs)
+    if r > 4 or np.any(pads < 0):
+        raise LoweringError("only non-negative pads of tensors up to rank 4")
+    before, after = list(pads[:r]), list(pads[r:])
+    if src.layout == "flat_hwc":
+        src = lw.as_layout(src, "plain")
+    if src.layout == "nhwc":
+        order = [0, 2, 3, 1]
+        before, after = [before[i] for i in order], [after[i] for i in order]
+        dims, shape = list(src.shape), c_shape(ys)[0]
+    else:
+        dims, shape = list(xs), ys
+    dims += [1] * (4 - len(dims))
+    before += [0] * (4 - len(before))
+    after += [0] * (4 - len(after))
+    if vw is not None:
+        fill = np.clip(np.round(float(value) / vw.scale) + vw.zero_point, -128, 127)
+        vc = lw.const(lw.label(node) + "_value", "int8_t", np.array([fill]))
+    else:
+        vc = lw.const(lw.label(node) + "_value", src.ctype if src.ctype != "int8_t" else "float",
+                      np.array([float(value)]))
+    out = lw.new_tensor(None, src.ctype, shape, src.layout, None, src.scale, src.zero_point,
+                        base=node.outputs[0].name)
+    lw.emit(Op("eo_pad", lw.label(node), "Pad",
+               [lw.dims_const(dims), lw.dims_const(before + after), src.nbytes // src.size,
+                vc, src, out], [src], [out]))
+    _bind_result(lw, node, out, vw)

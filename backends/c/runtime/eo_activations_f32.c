@@ -1,0 +1,77 @@
+/*
+ * edgeopt float32 activations and Softmax. Sigmoid, Tanh and Softmax call libm (expf, tanhf).
+ */
+#include <math.h>
+
+#include "eo_internal.h"
+
+void eo_clamp_f32(float lo, float hi, const float *in, float *out, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        out[i] = eo_i_fclamp(in[i], lo, hi);
+    }
+}
+
+void eo_sigmoid_f32(const float *in, float *out, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        out[i] = 1.0f / (1.0f + expf(-in[i]));
+    }
+}
+
+void eo_tanh_f32(const float *in, float *out, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        out[i] = tanhf(in[i]);
+    }
+}
+
+/* ONNX HardSwish: x * max(0, min(1, x / 6 + 1/2)) */
+void eo_hardswish_f32(const float *in, float *out, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        out[i] = in[i] * eo_i_fclamp(in[i] * (1.0f / 6.0f) + 0.5f, 0.0f, 1.0f);
+    }
+}
+
+void eo_leaky_relu_f32(float alpha, const float *in, float *out, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        out[i] = in[i] >= 0.0f ? in[i] : alpha * in[i];
+    }
+}
+
+void eo_prelu_f32(const float *slope, int32_t channels, const float *in, float *out, int32_t n)
+{
+    int32_t i, c = 0;
+    for (i = 0; i < n; ++i) {
+        out[i] = in[i] >= 0.0f ? in[i] : slope[c] * in[i];
+        if (++c == channels) {
+            c = 0;
+        }
+    }
+}
+
+void eo_softmax_f32(int32_t rows, int32_t n, const float *in, float *out)
+{
+    int32_t r, c;
+    for (r = 0; r < rows; ++r, in += n, out += n) {
+        float max = in[0], sum = 0.0f, inv;
+        for (c = 1; c < n; ++c) {
+            max = in[c] > max ? in[c] : max;
+        }
+        for (c = 0; c < n; ++c) {
+            out[c] = expf(in[c] - max);
+            sum += out[c];
+        }
+        inv = 1.0f / sum;
+        for (c = 0; c < n; ++c) {
+            out[c] *= inv;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+/*
+ * Internal helpers of the edgeopt kernel library (static inline, C99). Not part of the API:
+ * only the runtime's own .c files include this.
+ *
+ * The fixed-point helpers are gemmlowp's / TensorFlow Lite's, written so that they are defined
+ * behaviour in C99: right shifts of negative values are done as ~(~x >> e) (a floor division
+ * by 2^e on any compiler), and the left shift inside MultiplyByQuantizedMultiplier is done on
+ * uint32_t and converted back, which wraps on overflow exactly as TFLite's int32 multiply does
+ * on every two's-complement target (the conversion is implementation-defined, not undefined).
+ */
+#ifndef EO_INTERNAL_H
+#define EO_INTERNAL_H
+
+#include <stdint.h>
+
+#include "eo_kernels.h"
+
+/* floor(x / 2^e), 0 <= e <= 31 */
+static inline int32_t eo_i_asr(int32_t x, int e)
+{
+    return x >= 0 ? (x >> e) : ~(~x >> e);
+}
+
+/* x * 2^s modulo 2^32, 0 <= s <= 31 */
+static inline int32_t eo_i_shl(int32_t x, int s)
+{
+    return (int32_t)((uint32_t)x << s);
+}
+
+/* gemmlowp SaturatingRoundingDoublingHighMul */
+static inline int32_t eo_i_srdhm(int32_t a, int32_t b)
+{
+    int64_t ab;
+    if (a == b && a == INT32_MIN) {
+        return INT32_MAX;
+    }
+    ab = (int64_t)a * (int64_t)b;
+    /* C99 division truncates toward zero, as gemmlowp's does */
+    return (int32_t)((ab + (ab >= 0 ? (1 << 30) : (1 - (1 << 30)))) / ((int64_t)1 << 31));
+}
+
+/* gemmlowp RoundingDivideByPOT: x / 2^e rounded to nearest, ties away from zero */
+static inline int32_t eo_i_rdbpot(int32_t x, int e)
+{
+    const int32_t mask = (int32_t)(((uint32_t)1 << e) - 1u);
+    const int32_t remainder = x & mask;
+    const int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
+    return eo_i_asr(x, e) + (remainder > threshold ? 1 : 0);
+}
+
+/* TFLite MultiplyByQuantizedMultiplier (double rounding) */
+static inline int32_t eo_i_mbqm(int32_t x, int32_t multiplier, int shift)
+{
+    const int left = shift > 0 ? shift : 0;
+    const int right = shift > 0 ? 0 : -shift;
+    return eo_i_rdbpot(eo_i_srdhm(eo_i_shl(x, left), multiplier), right);
+}
+
+static inline int32_t eo_i_clamp(int32_t v, int32_t lo, int32_t hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+static inline float eo_i_fclamp(float v, float lo, float hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+/* Entry i of a CSR index array of 1, 2 or 4 bytes per entry. */
+static inline int32_t eo_i_index(const void *a, int bytes, int32_t i)
+{
+    if (bytes == 1) {
+        return (int32_t)((const uint8_t *)a)[i];
+    }
+    if (bytes == 2) {
+        return (int32_t)((const uint16_t *)a)[i];
+    }
+    return (int32_t)((const uint32_t *)a)[i];
+}
+
+/* Offset of (b, y, x, 0) in an NHWC tensor of h x w x c. */
+static inline int32_t eo_i_nhwc(int32_t b, int32_t y, int32_t x, int32_t h, int32_t w, int32_t c)
+{
+    return ((b * h + y) * w + x) * c;
+}
+
+/* Decode column `col` of a conv CSR row into its (kh, kw, ic) position: *tap = kh * k_w + kw. */
+static inline void eo_i_csr_col(int32_t col, int32_t icg, int32_t *tap, int32_t *ic)
+{
+    *tap = col / icg;
+    *ic = col - *tap * icg;
+}
+
+#endif /* EO_INTERNAL_H */

@@ -1,0 +1,281 @@
+/*
+ * edgeopt float32 kernels: the same layouts and parameter blocks as the int8 kernels (the
+ * int8 fields are ignored). No libm here (see eo_activations_f32.c).
+ */
+#include <float.h>
+
+#include "eo_internal.h"
+
+/* Dense or CSR weights of a float convolution: exactly one of dense / csr is set. */
+typedef struct {
+    const float *dense;
+    const eo_csr *csr;
+} eo_wf32;
+
+static float eo_conv_acc_dense_f32(const eo_conv_params *p, const float *in, const float *w_row,
+                                   int32_t b, int32_t iy0, int32_t ix0, int32_t ic0)
+{
+    const int32_t icg = p->in_c / p->groups;
+    float acc = 0.0f;
+    int32_t ky, kx, ic;
+    for (ky = 0; ky < p->k_h; ++ky) {
+        const int32_t iy = iy0 + ky * p->dil_h;
+        if (iy < 0 || iy >= p->in_h) {
+            continue;
+        }
+        for (kx = 0; kx < p->k_w; ++kx) {
+            const int32_t ix = ix0 + kx * p->dil_w;
+            const float *x, *wk;
+            if (ix < 0 || ix >= p->in_w) {
+                continue;
+            }
+            x = in + eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) + ic0;
+            wk = w_row + (ky * p->k_w + kx) * icg;
+            for (ic = 0; ic < icg; ++ic) {
+                acc += wk[ic] * x[ic];
+            }
+        }
+    }
+    return acc;
+}
+
+static float eo_conv_acc_csr_f32(const eo_conv_params *p, const float *in, const eo_csr *w,
+                                 int32_t r, int32_t b, int32_t iy0, int32_t ix0, int32_t ic0)
+{
+    const float *values = (const float *)w->values;
+    const int32_t icg = p->in_c / p->groups;
+    const int32_t end = eo_i_index(w->row_ptr, w->ptr_bytes, r + 1);
+    float acc = 0.0f;
+    int32_t i;
+    for (i = eo_i_index(w->row_ptr, w->ptr_bytes, r); i < end; ++i) {
+        int32_t tap, ic, iy, ix;
+        eo_i_csr_col(eo_i_index(w->col_idx, w->idx_bytes, i), icg, &tap, &ic);
+        iy = iy0 + (tap / p->k_w) * p->dil_h;
+        ix = ix0 + (tap % p->k_w) * p->dil_w;
+        if (iy < 0 || iy >= p->in_h || ix < 0 || ix >= p->in_w) {
+            continue;
+        }
+        acc += values[i] * in[eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) + ic0 + ic];
+    }
+    return acc;
+}
+
+static void eo_conv_any_f32(const eo_conv_params *p, const float *in, eo_wf32 w,
+                            const float *bias, float *out)
+{
+    const int32_t icg = p->in_c / p->groups, ocg = p->out_c / p->groups;
+    const int32_t row = p->k_h * p->k_w * icg;
+    int32_t b, oy, ox, oc;
+    for (b = 0; b < p->batch; ++b) {
+        for (oy = 0; oy < p->out_h; ++oy) {
+            for (ox = 0; ox < p->out_w; ++ox) {
+                const int32_t iy0 = oy * p->stride_h - p->pad_top;
+                const int32_t ix0 = ox * p->stride_w - p->pad_left;
+                for (oc = 0; oc < p->out_c; ++oc) {
+                    const int32_t ic0 = (oc / ocg) * icg;
+                    float acc = w.csr != 0
+                                    ? eo_conv_acc_csr_f32(p, in, w.csr, oc, b, iy0, ix0, ic0)
+                                    : eo_conv_acc_dense_f32(p, in, w.dense + oc * row, b, iy0,
+                                                            ix0, ic0);
+                    acc += bias != 0 ? bias[oc] : 0.0f;
+                    *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
+                }
+            }
+        }
+    }
+}
+
+void eo_conv_f32(const eo_conv_params *p, const float *in, const float *w, const float *bias,
+                 float *out)
+{
+    eo_wf32 wf;
+    wf.dense = w;
+    wf.csr = 0;
+    eo_conv_any_f32(p, in, wf, bias, out);
+}
+
+void eo_conv_f32_csr(const eo_conv_params *p, const float *in, const eo_csr *w,
+                     const float *bias, float *out)
+{
+    eo_wf32 wf;
+    wf.dense = 0;
+    wf.csr = w;
+    eo_conv_any_f32(p, in, wf, bias, out);
+}
+
+void eo_depthwise_conv_f32(const eo_conv_params *p, const float *in, const float *w,
+                           const float *bias, float *out)
+{
+    const int32_t m = p->out_c / p->in_c;
+    int32_t b, oy, ox, oc, ky, kx;
+    for (b = 0; b < p->batch; ++b) {
+        for (oy = 0; oy < p->out_h; ++oy) {
+            for (ox = 0; ox < p->out_w; ++ox) {
+                const int32_t iy0 = oy * p->stride_h - p->pad_top;
+                const int32_t ix0 = ox * p->stride_w - p->pad_left;
+                for (oc = 0; oc < p->out_c; ++oc) {
+                    float acc = bias != 0 ? bias[oc] : 0.0f;
+                    for (ky = 0; ky < p->k_h; ++ky) {
+                        const int32_t iy = iy0 + ky * p->dil_h;
+                        for (kx = 0; kx < p->k_w && iy >= 0 && iy < p->in_h; ++kx) {
+                            const int32_t ix = ix0 + kx * p->dil_w;
+                            if (ix >= 0 && ix < p->in_w) {
+                                acc += w[(ky * p->k_w + kx) * p->out_c + oc] *
+                                       in[eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) +
+                                          oc / m];
+                            }
+                        }
+                    }
+                    *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
+                }
+            }
+        }
+    }
+}
+
+void eo_fc_f32(const eo_fc_params *p, const float *in, const float *w, const float *bias,
+               float *out)
+{
+    int32_t b, o, i;
+    for (b = 0; b < p->batch; ++b) {
+        const float *x = in + b * p->in_features;
+        for (o = 0; o < p->out_features; ++o) {
+            const float *wr = w + o * p->in_features;
+            float acc = bias != 0 ? bias[o] : 0.0f;
+            for (i = 0; i < p->in_features; ++i) {
+                acc += wr[i] * x[i];
+            }
+            *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
+        }
+    }
+}
+
+void eo_fc_f32_csr(const eo_fc_params *p, const float *in, const eo_csr *w, const float *bias,
+                   float *out)
+{
+    const float *values = (const float *)w->values;
+    int32_t b, o, i;
+    for (b = 0; b < p->batch; ++b) {
+        const float *x = in + b * p->in_features;
+        for (o = 0; o < p->out_features; ++o) {
+            const int32_t end = eo_i_index(w->row_ptr, w->ptr_bytes, o + 1);
+            float acc = bias != 0 ? bias[o] : 0.0f;
+            for (i = eo_i_index(w->row_ptr, w->ptr_bytes, o); i < end; ++i) {
+                acc += values[i] * x[eo_i_index(w->col_idx, w->idx_bytes, i)];
+            }
+            *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
+        }
+    }
+}
+
+/* Elementwise binary float ops with broadcasting (see eo_binary_params). */
+typedef enum { EO_ADD, EO_SUB, EO_MUL, EO_DIV } eo_binop;
+
+static float eo_binop_one(eo_binop op, float a, float b)
+{
+    switch (op) {
+    case EO_ADD:
+        return a + b;
+    case EO_SUB:
+        return a - b;
+    case EO_MUL:
+        return a * b;
+    default:
+        return a / b;
+    }
+}
+
+static void eo_broadcast_f32(const eo_binary_params *p, const float *a, const float *b,
+                             float *out, eo_binop op)
+{
+    int32_t i0, i1, i2, i3;
+    for (i0 = 0; i0 < p->dims[0]; ++i0) {
+        for (i1 = 0; i1 < p->dims[1]; ++i1) {
+            for (i2 = 0; i2 < p->dims[2]; ++i2) {
+                const float *ra = a + i0 * p->a_stride[0] + i1 * p->a_stride[1] +
+                                  i2 * p->a_stride[2];
+                const float *rb = b + i0 * p->b_stride[0] + i1 * p->b_stride[1] +
+                                  i2 * p->b_stride[2];
+                for (i3 = 0; i3 < p->dims[3]; ++i3) {
+                    const float v = eo_binop_one(op, ra[i3 * p->a_stride[3]],
+                                                 rb[i3 * p->b_stride[3]]);
+                    *out++ = eo_i_fclamp(v, p->fact_min, p->fact_max);
+                }
+            }
+        }
+    }
+}
+
+void eo_add_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
+{
+    eo_broadcast_f32(p, a, b, out, EO_ADD);
+}
+
+void eo_sub_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
+{
+    eo_broadcast_f32(p, a, b, out, EO_SUB);
+}
+
+void eo_mul_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
+{
+    eo_broadcast_f32(p, a, b, out, EO_MUL);
+}
+
+void eo_div_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
+{
+    eo_broadcast_f32(p, a, b, out, EO_DIV);
+}
+
+static void eo_pool_f32(const eo_pool_params *p, const float *in, float *out, int is_max)
+{
+    int32_t b, oy, ox, c, y, x;
+    for (b = 0; b < p->batch; ++b) {
+        for (oy = 0; oy < p->out_h; ++oy) {
+            for (ox = 0; ox < p->out_w; ++ox) {
+                const int32_t iy = oy * p->stride_h - p->pad_top;
+                const int32_t ix = ox * p->stride_w - p->pad_left;
+                const int32_t y0 = iy < 0 ? 0 : iy, x0 = ix < 0 ? 0 : ix;
+                const int32_t y1 = iy + p->k_h < p->in_h ? iy + p->k_h : p->in_h;
+                const int32_t x1 = ix + p->k_w < p->in_w ? ix + p->k_w : p->in_w;
+                for (c = 0; c < p->c; ++c) {
+                    float acc = is_max ? -FLT_MAX : 0.0f;
+                    for (y = y0; y < y1; ++y) {
+                        for (x = x0; x < x1; ++x) {
+                            const float v = in[eo_i_nhwc(b, y, x, p->in_h, p->in_w, p->c) + c];
+                            acc = is_max ? (v > acc ? v : acc) : acc + v;
+                        }
+                    }
+                    if (!is_max && (y1 - y0) * (x1 - x0) > 0) {
+                        acc /= (float)((y1 - y0) * (x1 - x0));
+                    }
+                    *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
+                }
+            }
+        }
+    }
+}
+
+void eo_maxpool_f32(const eo_pool_params *p, const float *in, float *out)
+{
+    eo_pool_f32(p, in, out, 1);
+}
+
+void eo_avgpool_f32(const eo_pool_params *p, const float *in, float *out)
+{
+    eo_pool_f32(p, in, out, 0);
+}
+
+void eo_mean_hw_f32(int32_t batch, int32_t hw, int32_t c, const float *in, float *out)
+{
+    int32_t b, ch, i;
+    for (b = 0; b < batch; ++b) {
+        const float *x = in + b * hw * c;
+        for (ch = 0; ch < c; ++ch) {
+            float acc = 0.0f;
+            for (i = 0; i < hw; ++i) {
+                acc += x[i * c + ch];
+            }
+            *out++ = acc / (float)hw;
+        }
+    }
+}

@@ -1,0 +1,295 @@
+"""``--emit c``: generated sources compile strictly and match ONNX Runtime; errors and budgets.
+
+Each generated library is compiled with ``gcc -std=c99 -Wall -Wextra -Wpedantic -Werror``
+(its header also as C++), and the host test program (``<p>_test.c`` with ``-D<P>_TEST_MAIN``)
+runs the digits test images; outputs are compared with ONNX Runtime on the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from conftest import build_model
+from onnx import TensorProto, helper
+
+from edgeopt import ir
+from edgeopt.backends.c import BudgetError, LoweringError, emit_c, parse_budget
+from edgeopt.backends.c.emit import liveness
+from edgeopt.backends.c.memory import greedy_by_size
+from edgeopt.ir.sparse import CSRTensor
+from edgeopt.passes import Context, PassManager
+from edgeopt.passes.calib import load_calibration
+from edgeopt.tools.cli import main
+
+DIGITS = "examples/digits"
+CFLAGS = ["-std=c99", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-O2"]
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+
+
+def images(n: int = 12) -> np.ndarray:
+    with np.load(f"{DIGITS}/digits_16x16.npz") as d:
+        return d["test_x"][:n].astype(np.float32)
+
+
+def prepared(name: str, spec: str = "") -> ir.Model:
+    model = ir.load(f"{DIGITS}/{name}.onnx")
+    if spec:
+        ctx = Context(calib=load_calibration(f"{DIGITS}/calib.npz", model))
+        PassManager(spec, verify="end").run(model, ctx)
+    return model
+
+
+def compile_c(out, prefix: str = "net") -> str:
+    sources = sorted(str(p) for p in out.glob("*.c"))
+    exe = str(out / "run")
+    subprocess.run(["gcc", *CFLAGS, f"-D{prefix.upper()}_TEST_MAIN", f"-I{out}", *sources,
+                    "-o", exe, "-lm"], check=True, capture_output=True, text=True)
+    return exe
+
+
+def run_c(exe: str, tmp, x: np.ndarray, as_float: bool = True) -> np.ndarray:
+    (tmp / "in.bin").write_bytes(np.ascontiguousarray(x).tobytes())
+    subprocess.run([exe, str(tmp / "in.bin"), str(tmp / "out.bin"), *(["f32"] if as_float else [])],
+                   check=True)
+    return np.fromfile(tmp / "out.bin", np.float32 if as_float else np.int8)
+
+
+def ort(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    so = onnxruntime.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = onnxruntime.InferenceSession(ir.to_proto(model).SerializeToString(), so,
+                                        providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def c_outputs(model, tmp_path, spec_name, x):
+    out = tmp_path / spec_name
+    result = emit_c(model, str(out), prefix="net")
+    exe = compile_c(out)
+    return result, np.stack([run_c(exe, tmp_path, xi[None].transpose(0, 2, 3, 1)) for xi in x])
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "mlp"])
+@pytest.mark.parametrize("spec", ["", "prune:0.5"])
+def test_float_models_match_onnxruntime(name, spec, tmp_path):
+    model = prepared(name, spec)
+    x = images()
+    result, got = c_outputs(model, tmp_path, "f", x)
+    want = np.concatenate([ort(model, xi[None]) for xi in x])
+    span = float(want.max() - want.min())
+    assert np.abs(got - want).max() <= 1e-4 * span
+    arena = result.report["arena"]
+    assert arena["size"] <= 1.1 * arena["lower_bound"]  # the issue's arena target
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "mlp"])
+def test_int8_models_run_integer_kernels_and_agree_with_onnxruntime(name, tmp_path):
+    model = prepared(name, "quant:int8")
+    x = images(24)
+    result, got = c_outputs(model, tmp_path, "q", x)
+    kernels = {layer["kernel"] for layer in result.report["layers"]}
+    assert {"eo_fc_s8", "eo_conv_s8"} & kernels  # the layers really run in int8
+    assert not {"eo_conv_f32", "eo_depthwise_conv_f32"} & kernels
+    want = np.concatenate([ort(model, xi[None]) for xi in x])
+    # int8 rounding differences (TFLite requantization vs ORT's float Q/DQ, at most 1 LSB per
+    # layer) propagate; the predictions must agree and the logits stay close.
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+    assert np.abs(got - want).max() <= 0.05 * float(want.max() - want.min())
+
+
+def test_header_compiles_as_cpp_and_records_provenance(tmp_path):
+    model = prepared("cnn", "quant:int8")
+    result = emit_c(model, str(tmp_path), prefix="Digits Net!", pipeline='quant:int8 "*/\n',
+                    source_sha256="ab" * 32)
+    header = (tmp_path / "digits_net_model.h").read_text()
+    assert '#define DIGITS_NET_PIPELINE "quant:int8 \\"*/\\012"' in header
+    assert f'#define DIGITS_NET_MODEL_SHA256 "{"ab" * 32}"' in header
+    assert f"#define DIGITS_NET_CRC32 {result.report['crc32']}u" in header
+    (tmp_path / "use.cpp").write_text('#include "digits_net_model.h"\nint main() { return '
+                                      'DIGITS_NET_NUM_INPUTS - 1; }\n')
+    subprocess.run(["g++", "-Wall", "-Wextra", "-Werror", f"-I{tmp_path}",
+                    str(tmp_path / "use.cpp"), "-fsyntax-only"], check=True)
+
+
+VERIFY_MAIN = """#include <stdio.h>
+#include "net_model.h"
+int main(void) { return net_verify(); }
+"""
+
+
+def test_verify_detects_a_corrupted_constant(tmp_path):
+    model = prepared("mlp", "quant:int8")
+    emit_c(model, str(tmp_path), prefix="net")
+    (tmp_path / "net_test.c").unlink()
+    (tmp_path / "main.c").write_text(VERIFY_MAIN)
+
+    def verify() -> int:
+        sources = sorted(str(p) for p in tmp_path.glob("*.c"))
+        subprocess.run(["gcc", *CFLAGS, f"-I{tmp_path}", *sources, "-o", str(tmp_path / "v"),
+                        "-lm"], check=True)
+        return subprocess.run([str(tmp_path / "v")]).returncode
+
+    assert verify() == 0
+    weights = tmp_path / "net_weights.c"
+    text = weights.read_text()
+    i = text.index("= {\n    ") + len("= {\n    ")
+    first = text[i:text.index(",", i)]
+    weights.write_text(text[:i] + str(int(first) ^ 1) + text[i + len(first):])
+    assert verify() == 3  # NET_ERR_CORRUPT
+
+
+def test_crc_in_header_is_zlib_crc_of_every_constant(tmp_path):
+    model = prepared("cnn")
+    result = emit_c(model, None, prefix="net")
+    from edgeopt.backends.c.program import CTYPES
+
+    consts = result.report["constants"]
+    assert consts and result.report["flash_bytes"] == sum(c["bytes"] for c in consts)
+    assert result.report["crc32"].startswith("0x") and len(result.report["crc32"]) == 10
+    assert CTYPES["int8_t"][0] == 1
+
+
+def test_arena_no_larger_than_tflite_micro_greedy_plan():
+    from edgeopt.backends.c import _prepare
+    from edgeopt.backends.c.lower import lower
+    from edgeopt.backends.c.rules import register_all
+
+    for name in ("cnn", "resnet", "mobilenetv2", "mlp"):
+        program = lower(_prepare(prepared(name, "quant:int8")), "net", register_all())
+        buffers = liveness(program, False)
+        result = emit_c(prepared(name, "quant:int8"), None, prefix="net")
+        assert result.report["arena"]["size"] <= greedy_by_size(buffers).arena_size
+        assert result.report["arena"]["size"] <= 1.1 * result.report["arena"]["lower_bound"]
+
+
+def sparse_cnn(spec: str) -> ir.Model:
+    """The digits CNN with 80% of every Conv/Gemm weight zeroed by magnitude, then ``spec``."""
+    model = ir.load(f"{DIGITS}/cnn.onnx")
+    for n in model.graph:
+        if n.op_type in ("Conv", "Gemm"):
+            v = n.inputs[1]
+            a = v.const_value.numpy()
+            v.const_value = ir.ArrayTensor(np.where(
+                np.abs(a) < np.quantile(np.abs(a), 0.8), 0, a).astype(a.dtype))
+    if spec:
+        ctx = Context(calib=load_calibration(f"{DIGITS}/calib.npz", model))
+        PassManager(spec, verify="end").run(model, ctx)
+    return model
+
+
+def test_csr_layers_are_bit_exact_with_dense_ones(tmp_path):
+    model = sparse_cnn("quant:int8,csr")
+    assert any(isinstance(v.const_value, CSRTensor) for v in model.graph.initializers.values())
+    dense = model.clone()
+    for v in dense.graph.initializers.values():
+        if isinstance(v.const_value, CSRTensor):
+            v.const_value = ir.ArrayTensor(v.const_value.numpy())
+    x = images(8)
+    sparse_result, got = c_outputs(model, tmp_path, "s", x)
+    dense_result, want = c_outputs(dense, tmp_path, "d", x)
+    kernels = [layer["kernel"] for layer in sparse_result.report["layers"]]
+    assert "eo_conv_s8_csr" in kernels and "eo_fc_s8_csr" in kernels
+    assert np.array_equal(got, want)  # integer accumulation: same result, fewer bytes
+    assert sparse_result.report["flash_bytes"] < 0.65 * dense_result.report["flash_bytes"]
+    float_model = sparse_cnn("csr")
+    f_result, f_got = c_outputs(float_model, tmp_path, "fs", x)
+    assert "eo_conv_f32_csr" in {layer["kernel"] for layer in f_result.report["layers"]}
+    f_want = np.concatenate([ort(float_model, xi[None]) for xi in x])
+    assert np.abs(f_got - f_want).max() <= 1e-4 * float(f_want.max() - f_want.min())
+
+
+HOSTILE = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
+  a = Relu(x)
+  y = Conv(a, w) <pads = [1, 1, 1, 1]>
+}"""
+
+
+def test_hostile_names_compile_and_run(tmp_path):
+    model = build_model(HOSTILE.replace("float[1, 3, 8, 8] x)", "float[1, 3, 8, 8] x, "
+                                        "float[4, 3, 3, 3] w)"),
+                        {"w": np.random.default_rng(0).standard_normal((4, 3, 3, 3))
+                         .astype(np.float32)})
+    nasty = ['*/ int x; /*', 'a"b\n#include <x>', "int", "int", "??/"]
+    for node, name in zip(model.graph, nasty, strict=False):
+        node.name = name
+    model.graph.inputs[0].name = nasty[0]
+    model.graph.outputs[0].name = nasty[1]
+    model.graph.initializers["w"].name = "while"
+    out = tmp_path / "h"
+    emit_c(model, str(out), prefix="static")
+    for f in out.iterdir():
+        text = f.read_text()
+        assert "*/ int x" not in text and '"b\n#include' not in text
+    exe = compile_c(out, "m_static")
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    got = run_c(exe, tmp_path, x.transpose(0, 2, 3, 1)).reshape(1, 8, 8, 4).transpose(0, 3, 1, 2)
+    want = ort(model, x)
+    assert np.abs(got - want).max() <= 1e-5 * float(np.abs(want).max())
+
+
+def test_unsupported_nodes_are_all_listed_and_nothing_is_written(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Cos", ["x"], ["a"], name="cos1"),
+             helper.make_node("Relu", ["a"], ["b"], name="after"),
+             helper.make_node("Sin", ["b"], ["y"], name="sin*/2")]
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(LoweringError) as err:
+        emit_c(ir.load(path), str(tmp_path / "out"), prefix="m")
+    assert str(err.value) == ("cannot emit C:\n  Cos node 'cos1': operator not supported by the "
+                              "C backend")
+    assert not (tmp_path / "out").exists()
+    code = main([str(path), "--emit", "c", "-o", str(tmp_path / "cli"), "-q"])
+    assert code == 2 and not (tmp_path / "cli").exists()
+
+
+def test_budget_failure_breaks_down_bytes(tmp_path, capsys):
+    model = prepared("cnn")
+    with pytest.raises(BudgetError) as err:
+        emit_c(model, str(tmp_path / "o"), prefix="net", budget=parse_budget("flash=64K,ram=16K"))
+    text = str(err.value)
+    assert text.startswith("the model does not fit the budget:\n  flash: 309,288 bytes of "
+                           "constants > budget 65,536; largest: net_features_features_11_Conv_w "
+                           "147,456")
+    assert "RAM: arena 49,152 bytes (lower bound 49,152) > budget 16,384; live at the peak: " \
+        in text
+    assert not (tmp_path / "o").exists()
+    assert parse_budget("flash=1M, ram=512") == {"flash": 1 << 20, "ram": 512}
+    with pytest.raises(Exception, match="expected flash=SIZE"):
+        parse_budget("rom=1K")
+
+
+def test_cli_emits_c_with_report(tmp_path, capsys):
+    out = tmp_path / "c"
+    code = main([f"{DIGITS}/cnn.onnx", "-p", "quant:int8", "--calib", f"{DIGITS}/calib.npz",
+                 "--emit", "c", "-o", str(out), "--report", str(tmp_path / "r.json"),
+                 "--budget", "flash=128K,ram=64K"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "RAM: arena 12,288 bytes (lower bound 12,288" in text
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("cnn")) == [
+        "cnn_model.c", "cnn_model.h", "cnn_test.c", "cnn_weights.c"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["c"]["ram_bytes"] == 12288
+    header = (out / "cnn_model.h").read_text()
+    assert "#define CNN_ARENA_SIZE 12288u" in header
+    code = main([f"{DIGITS}/cnn.onnx", "--emit", "c-header", "-o", str(tmp_path / "h"), "-q"])
+    assert code == 0
+    constants = (tmp_path / "h" / "cnn_constants.h").read_text()
+    assert "#define CNN_L0_FEATURES_FEATURES_0_CONV_K_H 3" in constants
+    (tmp_path / "use.c").write_text('#define CNN_CONSTANTS_IMPLEMENTATION\n#include '
+                                    '"cnn_constants.h"\nint main(void) { return '
+                                    'cnn_features_features_0_Conv_w[0] > 100.0f; }\n')
+    subprocess.run(["gcc", *CFLAGS, f"-I{tmp_path / 'h'}", str(tmp_path / "use.c"), "-o",
+                    str(tmp_path / "use")], check=True)
