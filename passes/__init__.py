@@ -26,6 +26,7 @@ from . import prune as _prune  # noqa: F401
 from . import quant as _quant  # noqa: F401
 from . import score as _score  # noqa: F401
 from . import simplify as _simplify  # noqa: F401
+from . import sparsify as _sparsify  # noqa: F401
 from ._base import Context, OptionError, PassError, PassResult
 from ._manager import (
     Instrument,

@@ -24,12 +24,6 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "edgeopt.passes"
 
-#: Passes the design promises that are not built yet: asking for one is a clear error.
-PLANNED = {
-    "sparsify": "unstructured magnitude pruning",
-}
-
-
 @dataclass
 class PassSpec:
     """A registered pass.
@@ -130,16 +124,13 @@ def get_pass(name: str) -> PassSpec:
     """The pass registered as ``name``.
 
     Raises:
-        OptionError: unknown (the message lists the available passes) or not built yet.
+        OptionError: unknown (the message lists the available passes).
     """
     _ensure_builtins()
     if name not in _REGISTRY:
         _load_entry_points()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name in PLANNED:
-        raise OptionError(f"pass {name!r} ({PLANNED[name]}) is not available yet in this "
-                          f"version of edgeopt; available passes: {', '.join(list_names())}")
     raise OptionError(f"unknown pass {name!r}; available passes: {', '.join(list_names())}")
 
 

@@ -83,7 +83,7 @@ def test_options_are_coerced_from_type_hints(temp_passes):
     ("t.opts:0.1,ratio=0.2", "option 'ratio' is given both"),
     ("t.opts,steps=1,steps=2", "option 'steps' of pass 't.opts' is given twice"),
     ("nosuchpass", "unknown pass 'nosuchpass'; available passes: .*dce"),
-    ("sparsify:0.5", "pass 'sparsify' \\(unstructured magnitude pruning\\) is not available yet"),
+    ("sparsify:0.5,pattern=4:2", "pass 'sparsify': .*pattern"),
     ("quant:int4", "pass 'quant' option 'dtype': 'int4' is not one of int8, fp16"),
     ("csr:1.5", "pass 'csr': min_saving must be in \\[0, 1\\), got 1.5"),
     ("dce:1", "pass 'dce' takes no positional value"),
