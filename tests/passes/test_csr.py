@@ -206,3 +206,13 @@ def test_info_shows_sparsity_and_bytes(sparse_qdq, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layer weights: 6, 9" in out and "% zeros;" in out
     assert "CSR bytes" in out and "onnx-sparse" in out
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "mlp"])
+def test_float32_weights_at_90_percent_pack_to_a_fifth(name):
+    model = ir.load(f"{DIGITS}/{name}.onnx")
+    PassManager("sparsify:0.9,csr", verify="end").run(model, Context())
+    packed = [v.const_value for v in model.graph.initializers.values()
+              if isinstance(v.const_value, CSRTensor)]
+    assert packed
+    assert sum(t.stored_nbytes for t in packed) <= 0.2 * sum(t.nbytes for t in packed)
