@@ -228,7 +228,7 @@ def build(
         include_dirs: ``-I`` directories.
         out_dir: where ``<name>.elf`` and ``<name>.map`` go (created if needed).
         defines: ``-D`` macros; a None value defines the name without a value.
-        cflags: extra compiler flags, after the defaults (``-O3``, ``-Wpedantic``, ...).
+        cflags: extra compiler flags, after the defaults (``-O2``, ``-std=c99``, ``-Wall``, ...).
         name: base name of the image.
         harness: link ``mcu/harness.c`` (False: ``sources`` provide ``main``).
 

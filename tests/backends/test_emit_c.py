@@ -91,8 +91,9 @@ def test_float_models_match_onnxruntime(name, spec, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet", "mobilenetv2", "mlp"])
-def test_int8_models_run_integer_kernels_and_agree_with_onnxruntime(name, tmp_path):
-    model = prepared(name, "quant:int8")
+@pytest.mark.parametrize("spec", ["quant:int8", "prune:0.5,quant:int8,activations=int8"])
+def test_int8_models_run_integer_kernels_and_agree_with_onnxruntime(name, spec, tmp_path):
+    model = prepared(name, spec)
     x = images(24)
     result, got = c_outputs(model, tmp_path, "q", x)
     kernels = {layer["kernel"] for layer in result.report["layers"]}
@@ -293,3 +294,49 @@ def test_cli_emits_c_with_report(tmp_path, capsys):
                                     'cnn_features_features_0_Conv_w[0] > 100.0f; }\n')
     subprocess.run(["gcc", *CFLAGS, f"-I{tmp_path / 'h'}", str(tmp_path / "use.c"), "-o",
                     str(tmp_path / "use")], check=True)
+
+
+LAYER = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 8, 6, 6] x, float[8, 8, 3, 3] w, float[8] b, float[1, 8, 6, 6] r)
+    => (float[1, 8, 6, 6] y) {
+  c = Conv(x, w, b) <pads = [1, 1, 1, 1]>
+  s = Add(c, r)
+  y = Relu(s)
+}"""
+
+
+def test_single_int8_layers_within_one_lsb_of_onnxruntime(tmp_path):
+    """One Conv and one Add, each requantized by TFLite's rules: at most 1 LSB from ORT's
+    float DequantizeLinear -> op -> QuantizeLinear (no error can compound here)."""
+    rng = np.random.default_rng(0)
+    model = build_model(LAYER, {"w": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
+                                "b": rng.standard_normal(8).astype(np.float32) * 0.1})
+    calib = {"x": rng.standard_normal((32, 1, 8, 6, 6)).astype(np.float32),
+             "r": rng.standard_normal((32, 1, 8, 6, 6)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", x=calib["x"][:, 0], r=calib["r"][:, 0])
+    ctx = Context(calib=load_calibration(str(tmp_path / "calib.npz"), model))
+    PassManager("quant:int8,activations=int8,bias_correction=false", verify="end").run(model, ctx)
+    # quant keeps the graph output's Relu float: y = Relu(dequantize(s_q)), so (C - ORT) / the
+    # Add's output scale counts the LSBs the int8 Add output differs by.
+    out = tmp_path / "c"
+    result = emit_c(model, str(out), prefix="net")
+    assert {layer["kernel"] for layer in result.report["layers"]} >= {"eo_conv_s8", "eo_add_s8"}
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "s")
+    scale = float(q.inputs[1].const_value.numpy())
+    exe = compile_c(out)
+    import onnxruntime
+
+    sess = onnxruntime.InferenceSession(ir.to_proto(model).SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
+    off = 0
+    for _ in range(16):
+        x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+        r = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+        want = sess.run(None, {"x": x, "r": r})[0]
+        got = run_c(exe, tmp_path, np.concatenate([x.transpose(0, 2, 3, 1).ravel(),
+                                                   r.transpose(0, 2, 3, 1).ravel()]))
+        got = got.reshape(1, 6, 6, 8).transpose(0, 3, 1, 2)
+        lsb = np.abs(np.round((got - want) / scale))
+        assert lsb.max() <= 1
+        off += int((lsb > 0).sum())
+    assert off < 0.05 * 16 * 8 * 36
