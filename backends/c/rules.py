@@ -226,7 +226,7 @@ def conv(lw: Lowerer, node: Node) -> None:
         raise LoweringError("the weight is not constant")
     kh, kw = wf.shape[2], wf.shape[3]
     depthwise = group > 1 and group == xs[1] and wf.shape[1] == 1
-    stored = wq[2] if int8 else w.const_value
+    stored = wq[2] if wq is not None else w.const_value  # a float layer may read int8
     packed = isinstance(stored, CSRTensor) and not depthwise
     base = lw.label(node)
     p = {"batch": xs[0], "in_h": xs[2], "in_w": xs[3], "in_c": xs[1], "out_h": ys[2],
@@ -321,7 +321,7 @@ def fully_connected(lw: Lowerer, node: Node) -> None:
         src = lw.as_layout(src, "plain")
     if src.layout == "flat_hwc":
         m = _hwc_columns(m, src.chw)  # type: ignore[arg-type]
-    stored = wq[2] if int8 else w.const_value
+    stored = wq[2] if wq is not None else w.const_value  # a float layer may read int8
     packed = isinstance(stored, CSRTensor)
     base, batch = lw.label(node), math.prod(xs[:-1])
     p = {"batch": batch, "in_features": m.shape[1], "out_features": m.shape[0]}

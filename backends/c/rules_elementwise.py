@@ -312,22 +312,53 @@ def transpose(lw: Lowerer, node: Node) -> None:
     _bind_result(lw, node, out, vw)
 
 
+def _concat_const(lw: Lowerer, base: str, v: Value, layout: str, q) -> Const:
+    """A constant Concat input in the output's layout.
+
+    int8: quantized with the output's parameters as ORT's QuantizeLinear would, or its own
+    integers if they are already at those parameters.
+    """
+    qc = lw.qconstant(v) if q is not None else None
+    if qc is not None and not qc[1].per_channel and (
+            float(qc[1].scale), int(qc[1].zero_point) - (128 if qc[1].dtype.name == "UINT8"
+                                                         else 0)) == q[2:4]:
+        data = qc[0].astype(np.int16) - (128 if qc[1].dtype.name == "UINT8" else 0)
+    else:
+        data = lw.constant(v)
+        if data is None:
+            raise LoweringError(f"input {v.name!r} is neither computed nor constant")
+        if q is not None:
+            data = ref.quantize(np.asarray(data, np.float32), q[2], q[3])
+    if layout == "nhwc":
+        data = data.transpose(0, 2, 3, 1)
+    return lw.const(base, "int8_t" if q is not None else "float", data)
+
+
 @rule("Concat")
 def concat(lw: Lowerer, node: Node) -> None:
-    """Concat (int8 when every input has the output's scale and zero point)."""
+    """Concat (int8 when every computed input has the output's scale and zero point)."""
     ys = lw.shape(node.outputs[0])
     axis = int(node.attr("axis")) % len(ys)
     q = lw.int8_output(node)
-    views = [lw.view(v) for v in node.inputs]
-    int8 = q is not None and all(v is not None and (v.scale, v.zero_point) == q[2:4]
-                                 for v in views)
-    srcs = [v.tensor for v in views] if int8 else [lw.act(v) for v in node.inputs]
-    layout = "nhwc" if len(ys) == 4 and any(s.layout == "nhwc" for s in srcs) else "plain"
-    srcs = [lw.as_layout(s, layout) for s in srcs]
+    computed = [v for v in node.inputs if id(v) in lw.env or id(v) in lw.views]
+    int8 = q is not None and all(lw.view(v) is not None and (
+        lw.view(v).scale, lw.view(v).zero_point) == q[2:4] for v in computed)  # type: ignore
+    srcs = {id(v): lw.view(v).tensor if int8 else lw.act(v) for v in computed}  # type: ignore
+    layout = "nhwc" if len(ys) == 4 and any(s.layout == "nhwc" for s in srcs.values()) \
+        else "plain"
+    items: list = []
+    for i, v in enumerate(node.inputs):
+        if id(v) in srcs:
+            items.append(lw.as_layout(srcs[id(v)], layout))
+        else:
+            items.append(_concat_const(lw, f"{lw.label(node)}_in{i}", v, layout,
+                                       q if int8 else None))
     c_axis = {0: 0, 1: 3, 2: 1, 3: 2}[axis] if layout == "nhwc" else axis
     shape = c_shape(ys)[0] if layout == "nhwc" else ys
-    elem = srcs[0].nbytes // max(srcs[0].size, 1)
-    sizes = [math.prod(s.shape[c_axis:]) * elem for s in srcs]
+    elem = 1 if int8 else 4
+    dims = [lw.shape(v) for v in node.inputs]
+    dims = [c_shape(d)[0] if layout == "nhwc" else d for d in dims]
+    sizes = [math.prod(d[c_axis:]) * elem for d in dims]
     outer = math.prod(shape[:c_axis])
     if int8:
         qnode, fused, s_out, zp_out, _amin, _amax = q  # type: ignore[misc]
@@ -338,9 +369,10 @@ def concat(lw: Lowerer, node: Node) -> None:
         lw.done.add(id(qnode))
     else:
         out = lw.new_tensor(node.outputs[0], "float", shape, layout)
+    reads = [x for x in items if isinstance(x, TensorRef)]
     lw.emit(Op("eo_concat", lw.label(node), "Concat",
-               [len(srcs), Ptrs(srcs), "(const int32_t[]){" + ", ".join(map(str, sizes)) + "}",
-                outer, out], srcs, [out]))
+               [len(items), Ptrs(items), "(const int32_t[]){" + ", ".join(map(str, sizes)) + "}",
+                outer, out], reads, [out]))
 
 
 @rule("Pad")

@@ -340,3 +340,23 @@ def test_single_int8_layers_within_one_lsb_of_onnxruntime(tmp_path):
         assert lsb.max() <= 1
         off += int((lsb > 0).sum())
     assert off < 0.05 * 16 * 8 * 36
+
+
+CONCAT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 3, 4, 4] x, float[4, 3, 3, 3] w, float[1, 2, 4, 4] k) => (float[1, 6, 4, 4] y) {
+  c = Conv(x, w) <pads = [1, 1, 1, 1]>
+  y = Concat(c, k) <axis = 1>
+}"""
+
+
+def test_concat_with_a_constant_input(tmp_path):
+    rng = np.random.default_rng(0)
+    model = build_model(CONCAT, {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+                                 "k": rng.standard_normal((1, 2, 4, 4)).astype(np.float32)})
+    emit_c(model, str(tmp_path / "c"), prefix="net")
+    exe = compile_c(tmp_path / "c")
+    x = rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    got = run_c(exe, tmp_path, x.transpose(0, 2, 3, 1)).reshape(1, 4, 4, 6).transpose(0, 3, 1, 2)
+    want = ort(model, x)
+    assert np.abs(got - want).max() <= 1e-5 * float(np.abs(want).max())
+    assert np.array_equal(got[:, 4:], want[:, 4:])  # the constant is copied exactly
