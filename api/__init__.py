@@ -8,6 +8,7 @@ The public Python API::
     report = edgeopt.optimize(model, "simplify,dce")   # runs passes in place
     print(report.table())
     edgeopt.save(model, "out/model.onnx")   # atomic; never overwrites the input
+    edgeopt.emit_c(model, "out/c", prefix="net")   # C99 library for a microcontroller
 
 The IR itself is :mod:`edgeopt.ir`; passes and the pass manager are :mod:`edgeopt.passes`.
 """
@@ -62,11 +63,25 @@ def optimize(model: ir.Model, spec: str, calib: Any = None, *, verify: str = "en
     report.model = target
     return report
 
+def emit_c(model: ir.Model, out_dir: str | None = None, prefix: str = "model",
+           **options: Any) -> Any:
+    """Generate the C library of a model (see :func:`edgeopt.backends.c.emit_c`).
+
+    Returns the :class:`~edgeopt.backends.c.EmitResult` (``files`` and ``report``); writes the
+    files into ``out_dir`` when given. Options: ``mode``, ``budget``, ``alignment``,
+    ``pipeline``, ``source_sha256``.
+    """
+    from edgeopt.backends.c import emit_c as _emit_c
+
+    return _emit_c(model, out_dir, prefix, **options)
+
+
 __all__ = [
     "EdgeoptError",
     "ModelLoadError",
     "VerificationError",
     "__version__",
+    "emit_c",
     "infer_shapes",
     "ir",
     "load",

@@ -469,11 +469,46 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     for label, path in (("original", model_path), ("optimized", out)):
         logits = OrtModel(path).run({"input": test_x})[0]
         acc[label] = float(np.mean(logits.argmax(1) == test_y))
+    console.info("emitting C ...")
+    c_dir = os.path.join(args.output, "cnn_c")
+    from edgeopt.backends.c import emit_c
+
+    c = emit_c(model, c_dir, "cnn", pipeline=DEMO_PIPELINE).report
+    c_acc = _demo_run_c(c_dir, test_x, test_y, console)
+    if c_acc is not None:
+        acc["c"] = c_acc
     if args.json:
-        print_json({**report.to_dict(), "output": out, "accuracy": acc})
+        print_json({**report.to_dict(), "output": out, "accuracy": acc, "c": c})
         return 0
     print(report.table())
-    print(f"test accuracy: original {acc['original']:.4f}, optimized {acc['optimized']:.4f} "
-          f"({len(test_y)} images)")
-    print(f"wrote {out}")
+    print(f"test accuracy: original {acc['original']:.4f}, optimized {acc['optimized']:.4f}"
+          + (f", generated C {acc['c']:.4f}" if "c" in acc else "") + f" ({len(test_y)} images)")
+    print(f"C library: {c['flash_bytes']:,} bytes of constants, arena {c['arena']['size']:,} "
+          f"bytes (lower bound {c['arena']['lower_bound']:,}), {c['macs']:,} MACs")
+    print(f"wrote {out} and {c_dir}/")
     return 0
+
+
+def _demo_run_c(c_dir: str, x: np.ndarray, y: np.ndarray, console: Console) -> float | None:
+    """Compile the demo's C library with the host compiler and run it on the test images."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        console.info("no C compiler found: the generated C is not run")
+        return None
+    console.info(f"compiling and running the generated C ({len(y)} images) ...")
+    sources = sorted(os.path.join(c_dir, f) for f in os.listdir(c_dir) if f.endswith(".c"))
+    exe = os.path.join(c_dir, "cnn_test")
+    subprocess.run([cc, "-std=c99", "-O2", "-DCNN_TEST_MAIN", "-I", c_dir, *sources, "-o", exe,
+                    "-lm"], check=True, capture_output=True)
+    hits = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.bin"), os.path.join(tmp, "out.bin")
+        for image, label in zip(x.astype(np.float32), y, strict=True):
+            np.ascontiguousarray(image.transpose(1, 2, 0)).tofile(src)  # NHWC
+            subprocess.run([exe, src, dst, "f32"], check=True)
+            hits += int(np.fromfile(dst, np.float32).argmax() == label)
+    os.unlink(exe)
+    return hits / len(y)

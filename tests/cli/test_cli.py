@@ -177,3 +177,7 @@ def test_demo_prunes_the_bundled_cnn_without_losing_accuracy(tmp_path, capsys):
     assert data["accuracy"]["original"] == pytest.approx(357 / 360)
     assert data["accuracy"]["optimized"] >= 0.97
     assert os.path.isfile(data["output"])
+    # ... and the same model as C: compiled on the host, as accurate as in ONNX Runtime
+    assert data["accuracy"]["c"] == pytest.approx(data["accuracy"]["optimized"], abs=2 / 360)
+    assert data["c"]["arena"]["size"] <= 1.1 * data["c"]["arena"]["lower_bound"]
+    assert os.path.isfile(tmp_path / "demo" / "cnn_c" / "cnn_model.h")
