@@ -89,7 +89,7 @@ def _check_budget(program: Program, plan: ArenaPlan, budget: dict[str, int]) -> 
         raise BudgetError("the model does not fit the budget:\n  " + "\n  ".join(problems))
 
 
-def _report(program: Program, plans: list[ArenaPlan], crc: int) -> dict[str, Any]:
+def _report(program: Program, plans: list[ArenaPlan], info: dict[str, Any]) -> dict[str, Any]:
     core = plans[0]
     return {
         "flash_bytes": sum(c.nbytes for c in program.consts),
@@ -97,7 +97,8 @@ def _report(program: Program, plans: list[ArenaPlan], crc: int) -> dict[str, Any
         "arena": {"size": core.size, "lower_bound": core.lower_bound, "naive": core.naive,
                   "size_f32": plans[-1].size, "peak": core.peak},
         "macs": sum(op.macs for op in program.ops),
-        "crc32": f"0x{crc:08X}",
+        "crc32": f"0x{info['crc32']:08X}",
+        "crc_bytes": info.get("crc_bytes"),
         "constants": [{"name": c.name, "type": c.ctype, "bytes": c.nbytes, "what": c.what}
                       for c in program.consts],
         "tensors": [{"name": t.name, "type": t.ctype, "shape": list(t.shape), "bytes": t.nbytes,
@@ -147,19 +148,20 @@ def emit_c(model: Model, out_dir: str | None = None, prefix: str = "model", *,
     if program.quantized:
         plans.append(arena_plan(program, True, alignment))
     _check_budget(program, plans[0], budget or {})
-    crc = zlib.crc32(b"".join(c.bytes() for c in program.consts)) & 0xFFFFFFFF
-    info = {"version": __version__, "sha256": source_sha256, "pipeline": pipeline, "crc32": crc}
+    info: dict[str, Any] = {"version": __version__, "sha256": source_sha256,
+                            "pipeline": pipeline}
     if mode == "c-header":
         from .emit_header import constants_header
 
+        info["crc32"] = zlib.crc32(b"".join(c.bytes() for c in program.consts)) & 0xFFFFFFFF
         files = {f"{prefix}_constants.h": constants_header(program, prefix, info)}
     else:
-        files = render(program, prefix, plans, info)
+        files = render(program, prefix, plans, info)  # sets the CRC of what verify covers
         for name in sorted(os.listdir(RUNTIME)):
             if name.endswith((".c", ".h")):
                 with open(os.path.join(RUNTIME, name), encoding="utf-8") as f:
                     files[name] = f.read()
-    result = EmitResult(files, _report(program, plans, crc))
+    result = EmitResult(files, _report(program, plans, info))
     if out_dir is not None:
         write_files(out_dir, files)
     return result

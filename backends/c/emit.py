@@ -19,6 +19,9 @@ string is written as an escaped C string literal, never into a comment.
 from __future__ import annotations
 
 import math
+import os
+import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -135,6 +138,57 @@ def arena_plan(program: Program, io_in_arena: bool, alignment: int) -> ArenaPlan
 
 
 # -- rendering ------------------------------------------------------------------------------
+_STRUCTS: dict[str, list[tuple[str, str, int]]] = {}
+
+
+def struct_fields(struct: str) -> list[tuple[str, str, int]]:
+    """``(field, C type, count)`` of a parameter block, in declaration order.
+
+    Read from ``runtime/eo_kernels.h``, so the byte image cannot drift from the header.
+    """
+    if not _STRUCTS:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime",
+                            "eo_kernels.h")
+        with open(path, encoding="utf-8") as f:
+            text = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)
+        for body, name in re.findall(r"typedef struct \{(.*?)\}\s*(\w+);", text, flags=re.S):
+            fields = []
+            for decl in filter(None, (d.strip() for d in body.split(";"))):
+                ctype, _, names = decl.rpartition(" ") if "," not in decl else \
+                    (decl.split()[0], "", decl[len(decl.split()[0]):])
+                if "*" in decl:
+                    fields.append((decl, "pointer", 1))
+                    continue
+                for item in names.split(","):
+                    m = re.match(r"\s*(\w+)\s*(?:\[(\d+)\])?", item)
+                    fields.append((m.group(1), ctype.strip(), int(m.group(2) or 1)))
+            _STRUCTS[name] = fields
+    return _STRUCTS[struct]
+
+
+_PACK = {"int32_t": "<i4", "float": "<f4"}
+
+
+def params_bytes(p: Params) -> bytes | None:
+    """The little-endian byte image of a parameter block.
+
+    None if it holds pointers or a field type that is not a plain 4-byte word.
+    """
+    out = []
+    for name, ctype, count in struct_fields(p.struct):
+        if ctype not in _PACK:
+            return None
+        value = p.fields.get(name, 0)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(values) != count:
+            raise ValueError(f"{p.struct}.{name}: {len(values)} values for {count}")
+        if ctype == "float":
+            values = [np.float32(np.finfo(np.float32).max) * (-1 if v.startswith("-") else 1)
+                      if isinstance(v, str) else v for v in values]
+        out.append(np.asarray(values, _PACK[ctype]).tobytes())
+    return b"".join(out)
+
+
 class _Writer:
     """Renders the schedule's C expressions."""
 
@@ -142,6 +196,8 @@ class _Writer:
         self.program = program
         self.prefix = prefix
         self.params: list[str] = []
+        #: pointer-free parameter blocks: (name, byte image), covered by the CRC
+        self.images: list[tuple[str, bytes]] = []
         self.index = {t.name: i for i, t in enumerate(_roots(program))}
 
     def tensor(self, t: TensorRef, const: bool) -> str:
@@ -182,6 +238,9 @@ class _Writer:
         name = f"{self.prefix}_p{len(self.params)}"
         body = ", ".join(f".{k} = {self.field(v)}" for k, v in p.fields.items())
         self.params.append(f"static const {p.struct} {name} = {{{body}}};")
+        image = params_bytes(p)
+        if image is not None:
+            self.images.append((name, image))
         return name
 
     def call(self, op: Op) -> str:
@@ -204,13 +263,32 @@ def _roots(program: Program) -> list[TensorRef]:
     return out
 
 
+def offset_tables(program: Program, prefix: str, plans: Sequence[ArenaPlan]
+                  ) -> list[tuple[str, np.ndarray]]:
+    """The arena offset tables of ``<p>_model.c``: plain API, float wrapper."""
+    roots = _roots(program)
+    return [(f"{prefix}_off{suffix}", np.array([plan.offsets.get(r.name, 0) for r in roots]
+                                               or [0], np.uint32))
+            for suffix, plan in (("", plans[0]), ("_f32", plans[-1]))]
+
+
 def render(program: Program, prefix: str, plans: Sequence[ArenaPlan], header_info: dict
            ) -> dict[str, str]:
-    """The generated files (name -> text); see the module docs."""
+    """The generated files (name -> text); see the module docs.
+
+    Sets ``header_info["crc32"]`` and ``["crc_bytes"]``: the CRC-32 (zlib's) of every constant
+    array, then every pointer-free parameter block and the offset tables, in that order, as
+    ``<p>_verify`` walks them.
+    """
     from .emit_files import header, model_c, test_c, weights_c
 
     writer = _Writer(program, prefix)
+    model = model_c(program, prefix, plans, writer)
+    blobs = [c.bytes() for c in program.consts] + [b for _, b in writer.images] + [
+        a.astype("<u4").tobytes() for _, a in offset_tables(program, prefix, plans)]
+    header_info["crc32"] = zlib.crc32(b"".join(blobs)) & 0xFFFFFFFF
+    header_info["crc_bytes"] = sum(len(b) for b in blobs)
     return {f"{prefix}_model.h": header(program, prefix, plans, header_info),
             f"{prefix}_weights.c": weights_c(program, prefix),
-            f"{prefix}_model.c": model_c(program, prefix, plans, writer),
+            f"{prefix}_model.c": model,
             f"{prefix}_test.c": test_c(program, prefix, plans)}

@@ -113,7 +113,7 @@ def test_header_compiles_as_cpp_and_records_provenance(tmp_path):
     header = (tmp_path / "digits_net_model.h").read_text()
     assert '#define DIGITS_NET_PIPELINE "quant:int8 \\"*/\\012"' in header
     assert f'#define DIGITS_NET_MODEL_SHA256 "{"ab" * 32}"' in header
-    assert f"#define DIGITS_NET_CRC32 {result.report['crc32']}u" in header
+    assert f"#define DIGITS_NET_CRC32 {result.report['crc32']}u /* of every constant" in header
     (tmp_path / "use.cpp").write_text('#include "digits_net_model.h"\nint main() { return '
                                       'DIGITS_NET_NUM_INPUTS - 1; }\n')
     subprocess.run(["g++", "-Wall", "-Wextra", "-Werror", f"-I{tmp_path}",
@@ -126,25 +126,36 @@ int main(void) { return net_verify(); }
 """
 
 
-def test_verify_detects_a_corrupted_constant(tmp_path):
-    model = prepared("mlp", "quant:int8")
+def _verify(folder) -> int:
+    (folder / "main.c").write_text(VERIFY_MAIN)
+    sources = sorted(str(p) for p in folder.glob("*.c") if p.name != "net_test.c")
+    subprocess.run(["gcc", *CFLAGS, f"-I{folder}", *sources, "-o", str(folder / "v"), "-lm"],
+                   check=True)
+    return subprocess.run([str(folder / "v")]).returncode
+
+
+@pytest.mark.parametrize("name, spec", [("mlp", "quant:int8"), ("resnet", "quant:int8"),
+                                        ("mobilenetv2", "")])
+def test_verify_detects_corrupted_weights_and_parameters(name, spec, tmp_path):
+    """The CRC covers the weight arrays, the kernel parameter blocks and the arena offsets
+    (``<P>_CRC_BYTES``); flipping one bit of any of them fails ``net_verify``."""
+    model = prepared(name, spec)
     emit_c(model, str(tmp_path), prefix="net")
-    (tmp_path / "net_test.c").unlink()
-    (tmp_path / "main.c").write_text(VERIFY_MAIN)
-
-    def verify() -> int:
-        sources = sorted(str(p) for p in tmp_path.glob("*.c"))
-        subprocess.run(["gcc", *CFLAGS, f"-I{tmp_path}", *sources, "-o", str(tmp_path / "v"),
-                        "-lm"], check=True)
-        return subprocess.run([str(tmp_path / "v")]).returncode
-
-    assert verify() == 0
+    assert _verify(tmp_path) == 0
     weights = tmp_path / "net_weights.c"
     text = weights.read_text()
     i = text.index("= {\n    ") + len("= {\n    ")
     first = text[i:text.index(",", i)]
-    weights.write_text(text[:i] + str(int(first) ^ 1) + text[i + len(first):])
-    assert verify() == 3  # NET_ERR_CORRUPT
+    flipped = str(int(first) ^ 1) if "." not in first and "e" not in first else \
+        first[1:] if first.startswith("-") else "-" + first  # a float's sign bit
+    weights.write_text(text[:i] + flipped + text[i + len(first):])
+    assert _verify(tmp_path) == 3  # NET_ERR_CORRUPT
+    weights.write_text(text)
+    code = tmp_path / "net_model.c"
+    text = code.read_text()
+    assert ".batch = 1," in text
+    code.write_text(text.replace(".batch = 1,", ".batch = 2,", 1))
+    assert _verify(tmp_path) == 3
 
 
 def test_crc_in_header_is_zlib_crc_of_every_constant(tmp_path):
