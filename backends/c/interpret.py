@@ -219,6 +219,16 @@ def fc_s8(p, x, w, bias, mult, shift, out):
                                in_zp=-p["in_offset"], out_zp=p["out_offset"], act=_act(p))
 
 
+@kernel("eo_fc_s8_f32")
+def fc_s8_f32(p, x, w, bias, scale, out):
+    """int8 fully connected with a float output: the int32 sums scaled per output row."""
+    x = x.reshape(p["batch"], p["in_features"]).astype(np.int64) + p["in_offset"]
+    w = np.asarray(w).reshape(p["out_features"], p["in_features"]).astype(np.int64)
+    acc = (x @ w.T).astype(np.int32).astype(np.float32)
+    y = acc * np.asarray(scale, np.float32) + (0 if bias is None else np.asarray(bias, np.float32))
+    return _fclamp(y, p["fact_min"], p["fact_max"])
+
+
 @kernel("eo_conv_f32", "eo_conv_f32_csr")
 def conv_f32(p, x, w, bias, out):
     """Float conv: per group, windows times the OHWI rows, in float32."""

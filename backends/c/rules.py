@@ -309,14 +309,16 @@ def fully_connected(lw: Lowerer, node: Node) -> None:
         raise LoweringError("the input must have a batch axis")
     q, view, wq = lw.int8_output(node), lw.view(a), lw.qconstant(w)
     int8 = q is not None and view is not None and wq is not None
-    wf = wq[0] if int8 else lw.constant(w)
-    if wf is None:
-        raise LoweringError("the weight is not constant")
     alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
     if int8 and (alpha != 1.0 or beta != 1.0):
         raise LoweringError("int8 Gemm needs alpha = beta = 1")
+    # int8 in and weights: an int8 kernel, whether or not the output is quantized
+    int8_in = view is not None and wq is not None and alpha == 1.0 and beta == 1.0
+    wf = wq[0] if int8_in else lw.constant(w)
+    if wf is None:
+        raise LoweringError("the weight is not constant")
     m = _fc_matrix(lw, node, wf)
-    src = view.tensor if int8 else lw.act(a)
+    src = view.tensor if int8_in else lw.act(a)
     if src.layout == "nhwc":
         src = lw.as_layout(src, "plain")
     if src.layout == "flat_hwc":
@@ -347,6 +349,9 @@ def fully_connected(lw: Lowerer, node: Node) -> None:
     bf = np.zeros(m.shape[0], np.float32) if b is None else lw.constant(b)
     if bf is None:
         raise LoweringError("bias is not constant")
+    if int8_in:
+        _fc_int8_float_out(lw, node, view, wq, m, bf, (out_v, lo, hi, fused), p, macs)
+        return
     bias = lw.const(base + "_b", "float", np.broadcast_to(
         (np.float32(beta) * bf.astype(np.float32)).ravel(), (m.shape[0],)))
     weights = _csr_or_dense(lw, base, "float", (np.float32(alpha) * m).astype(np.float32),
@@ -357,6 +362,32 @@ def fully_connected(lw: Lowerer, node: Node) -> None:
                        act_max=127, fact_min=_flt(lo), fact_max=_flt(hi))
     name = "eo_fc_f32" + ("_csr" if isinstance(weights, Params) else "")
     lw.emit(Op(name, base, node.op_type, [params, src, weights, bias, out], [src], [out], macs))
+
+
+def _fc_int8_float_out(lw: Lowerer, node: Node, view: QView, wq, m: np.ndarray,
+                       bf: np.ndarray, fusion, p: dict, macs: int) -> None:
+    """An int8 layer whose output stays float (a model's last Gemm): ``eo_fc_s8_f32``.
+
+    int8 weights in flash, int32 sums, one float multiply-add per output: what ORT's
+    DequantizeLinear -> Gemm computes, up to float rounding.
+    """
+    _i, wqp, _ = wq
+    if np.any(wqp.zero_point):
+        raise LoweringError("int8 weights must be symmetric (zero point 0)")
+    out_v, lo, hi, fused = fusion
+    base = lw.label(node)
+    s_w = np.broadcast_to(np.asarray(wqp.scale, np.float32).ravel(), (m.shape[0],))
+    src = lw.as_layout(view.tensor, "plain") if view.tensor.layout == "nhwc" else view.tensor
+    weights = lw.const(base + "_w", "int8_t", m.astype(np.int8))
+    bias = lw.const(base + "_b", "float", np.broadcast_to(bf.astype(np.float32).ravel(),
+                                                         (m.shape[0],)))
+    scale = lw.const(base + "_scale", "float", np.float32(view.scale) * s_w)
+    out = lw.new_tensor(out_v, "float", lw.shape(node.outputs[0]))
+    lw.done.update(id(n) for n in fused)
+    params = lw.params("eo_fc_params", **p, in_offset=-view.zero_point, out_offset=0,
+                       act_min=-128, act_max=127, fact_min=_flt(lo), fact_max=_flt(hi))
+    lw.emit(Op("eo_fc_s8_f32", base, node.op_type, [params, src, weights, bias, scale, out],
+               [src], [out], macs))
 
 
 # -- pooling ----------------------------------------------------------------------------------

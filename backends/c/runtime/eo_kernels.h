@@ -112,6 +112,11 @@ void eo_conv_s8_csr(const eo_conv_params *p, const int8_t *in, const eo_csr *w,
                     const int32_t *bias, const int32_t *mult, const int32_t *shift, int8_t *out);
 void eo_fc_s8(const eo_fc_params *p, const int8_t *in, const int8_t *w, const int32_t *bias,
               const int32_t *mult, const int32_t *shift, int8_t *out);
+/* int8 input and weights, float32 output (a layer whose output is not quantized):
+ * out = clamp(float(sum((in + in_offset) * w)) * scale[o] + bias[o], fact_min, fact_max),
+ * scale[o] = s_in * s_w[o]; bias may be NULL. Float multiplies only, no libm. */
+void eo_fc_s8_f32(const eo_fc_params *p, const int8_t *in, const int8_t *w, const float *bias,
+                  const float *scale, float *out);
 void eo_fc_s8_csr(const eo_fc_params *p, const int8_t *in, const eo_csr *w, const int32_t *bias,
                   const int32_t *mult, const int32_t *shift, int8_t *out);
 void eo_add_s8(const eo_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out);

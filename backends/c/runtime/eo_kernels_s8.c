@@ -185,6 +185,25 @@ void eo_fc_s8(const eo_fc_params *p, const int8_t *in, const int8_t *w, const in
     }
 }
 
+void eo_fc_s8_f32(const eo_fc_params *p, const int8_t *in, const int8_t *w, const float *bias,
+                  const float *scale, float *out)
+{
+    int32_t b, o, i;
+    for (b = 0; b < p->batch; ++b) {
+        const int8_t *x = in + b * p->in_features;
+        for (o = 0; o < p->out_features; ++o) {
+            const int8_t *wr = w + o * p->in_features;
+            int32_t acc = 0;
+            float y;
+            for (i = 0; i < p->in_features; ++i) {
+                acc += (int32_t)wr[i] * ((int32_t)x[i] + p->in_offset);
+            }
+            y = (float)acc * scale[o] + (bias ? bias[o] : 0.0f);
+            *out++ = y < p->fact_min ? p->fact_min : y > p->fact_max ? p->fact_max : y;
+        }
+    }
+}
+
 void eo_fc_s8_csr(const eo_fc_params *p, const int8_t *in, const eo_csr *w, const int32_t *bias,
                   const int32_t *mult, const int32_t *shift, int8_t *out)
 {
