@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeopt.ir import EdgeoptError, Model
+from edgeopt.ir import EdgeoptError, Model, infer_shapes
 
 from .emit import ArenaPlan, arena_plan, render
 from .lower import LoweringError, c_identifier, lower
@@ -64,6 +64,14 @@ def _prepare(model: Model) -> Model:
     from edgeopt.passes import Context, PassManager
     from edgeopt.passes.analyses.costs import bind_batch
 
+    for v in model.graph.inputs:
+        if v.is_initializer() or v.shape is None:
+            continue
+        free = [d for d in v.shape[1:] if not isinstance(d, int)]
+        if free:
+            raise LoweringError(f"cannot emit C: input {c_identifier(v.name, 'v')!r} has "
+                                f"symbolic dimensions besides the batch ({len(free)}); C needs "
+                                "static shapes: export the model at its deployment size")
     clone = bind_batch(model, 1)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in clone.walk()):
         packed = any(isinstance(v.const_value, CSRTensor) for v in clone.graph.initializers
@@ -71,6 +79,7 @@ def _prepare(model: Model) -> Model:
         # Folding BatchNormalization rewrites weights, which drops their CSR packing: pack
         # again what is still worth it.
         PassManager("simplify,csr" if packed else "simplify", verify="end").run(clone, Context())
+        infer_shapes(clone)  # values the passes created (a decomposed BatchNormalization)
     return clone
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from edgeopt.ir import EdgeoptError, Model, Node, Value
 from edgeopt.ir.quant import qdq_params
+from edgeopt.passes._util import constant_tensor
 
 from .program import CTYPES, Const, Op, Params, Program, TensorRef
 
@@ -129,15 +130,20 @@ class Lowerer:
 
     # -- reading inputs -------------------------------------------------------------------
     def shape(self, value: Value) -> tuple[int, ...]:
-        """The value's static ONNX shape."""
-        assert value.shape is not None
+        """The value's static ONNX shape.
+
+        Raises:
+            LoweringError: the shape is unknown or symbolic.
+        """
+        if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+            raise LoweringError(f"value {c_identifier(value.name, 'v')!r} has no static shape")
         return tuple(int(d) for d in value.shape)  # type: ignore[arg-type]
 
     def constant(self, value: Value | None) -> np.ndarray | None:
         """A constant's float (or integer) data; a DequantizeLinear of a constant dequantized."""
         if value is None:
             return None
-        if value.const_value is not None and not value.is_graph_input():
+        if constant_tensor(value, self.model) is not None:  # IR < 4: initializer inputs too
             return np.asarray(value.const_value.numpy())
         node = value.producer()
         if node is not None and node.op_type == "DequantizeLinear" and \
@@ -153,7 +159,7 @@ class Lowerer:
         """``(int data, QuantParams, stored tensor)`` of a DequantizeLinear of a constant."""
         node = value.producer() if value is not None else None
         if node is None or node.op_type != "DequantizeLinear" or node.inputs[0] is None \
-                or node.inputs[0].const_value is None:
+                or constant_tensor(node.inputs[0], self.model) is None:
             return None
         qp = qdq_params(node)
         if qp is None:

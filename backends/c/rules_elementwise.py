@@ -59,17 +59,19 @@ def _const_operand(lw: Lowerer, base: str, c: np.ndarray, ys: tuple[int, ...], l
     return lw.const(base, ctype, np.ascontiguousarray(arr)), arr.shape
 
 
-BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
+BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Sum": "add"}
 
 
-@rule("Add", "Sub", "Mul", "Div")
+@rule("Add", "Sub", "Mul", "Div", "Sum")
 def binary(lw: Lowerer, node: Node) -> None:
-    """Elementwise arithmetic with broadcasting (int8 for Add, Sub and Mul)."""
+    """Elementwise arithmetic with broadcasting (int8 for Add, Sub and Mul; Sum of two)."""
+    if len(node.inputs) != 2:
+        raise LoweringError(f"{len(node.inputs)} inputs (two are supported)")
     a, b = node.inputs[0], node.inputs[1]
     ys = lw.shape(node.outputs[0])
     if len(ys) > 4:
         raise LoweringError("more than 4 dimensions")
-    q = lw.int8_output(node) if node.op_type != "Div" else None
+    q = lw.int8_output(node) if node.op_type in ("Add", "Sub", "Mul", "Sum") else None
     views = [lw.view(a), lw.view(b)]
     consts = [lw.qconstant(v) for v in (a, b)]
     int8 = q is not None and all(v is not None or (c is not None and not c[1].per_channel)
@@ -115,7 +117,8 @@ def binary(lw: Lowerer, node: Node) -> None:
         out = lw.new_tensor(qnode.outputs[0], "int8_t", out_shape, layout, scale=s_out,
                             zero_point=zp_out)
         lw.done.update(id(n) for n in (qnode, *fused))
-        fields = _int8_binary(node.op_type, qps, s_out, zp_out)
+        fields = _int8_binary("Add" if node.op_type == "Sum" else node.op_type, qps, s_out,
+                              zp_out)
         fields |= {"act_min": amin, "act_max": amax, "fact_min": 0.0, "fact_max": 0.0}
         suffix = "s8"
     else:
@@ -157,6 +160,8 @@ UNARY = {
     "HardSwish": ("eo_hardswish_f32", lambda x, n: _hardswish(x)),
     "LeakyRelu": ("eo_leaky_relu_f32",
                   lambda x, n: np.where(x < 0, x * np.float32(n.attr("alpha", 0.01)), x)),
+    "HardSigmoid": (None, lambda x, n: np.clip(np.float32(n.attr("alpha", 0.2)) * x
+                                               + np.float32(n.attr("beta", 0.5)), 0, 1)),
 }
 
 
@@ -169,7 +174,7 @@ def _lut(fn, node: Node, vw: QView, s_out: float, zp_out: int, lo: float, hi: fl
     return ref.lut(f, vw.scale, vw.zero_point, s_out, zp_out, half_even=True)
 
 
-@rule("Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu")
+@rule("Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "HardSigmoid")
 def unary(lw: Lowerer, node: Node) -> None:
     """Activations: int8 lookup tables, or float kernels (Relu/Clip: a clamp)."""
     x = node.inputs[0]
@@ -199,10 +204,28 @@ def unary(lw: Lowerer, node: Node) -> None:
         lw.emit(Op("eo_clamp_f32", base, node.op_type, [_flt(lo), _flt(hi), t, out, t.size],
                    [t], [out], 0, t))
         return
+    if node.op_type == "HardSigmoid":
+        _hard_sigmoid_f32(lw, node, t)
+        return
     out = lw.new_tensor(node.outputs[0], "float", t.shape, t.layout, t.chw)
     kernel = UNARY[node.op_type][0]
     extra = [float(node.attr("alpha", 0.01))] if node.op_type == "LeakyRelu" else []
     lw.emit(Op(kernel, base, node.op_type, [*extra, t, out, t.size], [t], [out], 0, t))
+
+
+def _hard_sigmoid_f32(lw: Lowerer, node: Node, t: TensorRef) -> None:
+    """``clip(alpha * x + beta, 0, 1)`` as a Mul and an Add with a clamp (float kernels)."""
+    base, full = lw.label(node), _strides(t.shape, t.shape)
+    dims = [1] * (4 - len(t.shape)) + list(t.shape)
+    alpha = lw.const(base + "_alpha", "float", np.array([node.attr("alpha", 0.2)]))
+    beta = lw.const(base + "_beta", "float", np.array([node.attr("beta", 0.5)]))
+    scaled = lw.new_tensor(None, "float", t.shape, t.layout, t.chw, base=base + "_scaled")
+    out = lw.new_tensor(node.outputs[0], "float", t.shape, t.layout, t.chw)
+    for kernel, src, c, dst, lo, hi in (("eo_mul_f32", t, alpha, scaled, "-FLT_MAX", "FLT_MAX"),
+                                        ("eo_add_f32", scaled, beta, out, 0.0, 1.0)):
+        params = lw.params("eo_binary_params", dims=dims, a_stride=full, b_stride=[0] * 4,
+                           fact_min=lo, fact_max=hi)
+        lw.emit(Op(kernel, base, "HardSigmoid", [params, src, c, dst], [src], [dst], 0, src))
 
 
 @rule("PRelu")
@@ -287,6 +310,22 @@ def reshape(lw: Lowerer, node: Node) -> None:
     _bind_result(lw, node, _alias(lw, node, src, shape, layout, chw), vw)
 
 
+def _merge_dims(dims, perm) -> tuple[tuple[int, ...], list[int]]:
+    """Merge input axes that stay adjacent and in order under ``perm``.
+
+    The same transpose over fewer dims: a channel shuffle's 5-D transpose becomes 4-D.
+    """
+    groups: list[list[int]] = []
+    for axis in perm:
+        if groups and groups[-1][-1] + 1 == axis:
+            groups[-1].append(axis)
+        else:
+            groups.append([axis])
+    order = sorted(range(len(groups)), key=lambda g: groups[g][0])
+    merged = tuple(math.prod(dims[a] for a in groups[g]) for g in order)
+    return merged, [order.index(g) for g in range(len(groups))]
+
+
 @rule("Transpose")
 def transpose(lw: Lowerer, node: Node) -> None:
     """Transpose: free when it only changes the layout label, else eo_transpose (rank <= 4)."""
@@ -294,7 +333,9 @@ def transpose(lw: Lowerer, node: Node) -> None:
     xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
     perm = list(node.attr("perm", list(range(len(xs)))[::-1]))
     if len(xs) > 4:
-        raise LoweringError("more than 4 dimensions")
+        xs, perm = _merge_dims(xs, perm)
+        if len(xs) > 4:
+            raise LoweringError("a transpose of more than 4 dimensions that cannot be merged")
     if src.layout == "nhwc" and perm == [0, 2, 3, 1]:  # NCHW -> NHWC: the data already is
         _bind_result(lw, node, _alias(lw, node, src, ys, "plain"), vw)
         return

@@ -371,3 +371,44 @@ def test_concat_with_a_constant_input(tmp_path):
     want = ort(model, x)
     assert np.abs(got - want).max() <= 1e-5 * float(np.abs(want).max())
     assert np.array_equal(got[:, 4:], want[:, 4:])  # the constant is copied exactly
+
+
+def light_model(name: str) -> ir.Model:
+    """One of onnx's own model-zoo graphs (``light_*``), with seeded random weights.
+
+    Their weights are ConstantOfShape fills (every weight 0.02); folded, then randomized
+    (tests/models.py), so that the outputs carry information.
+    """
+    import os
+
+    from conftest import ONNX_TEST_DATA
+    from models import randomize_weights
+
+    model = ir.load(os.path.join(ONNX_TEST_DATA, "light", f"light_{name}.onnx"))
+    for v in [v for v in model.graph.inputs if v.is_initializer()]:
+        model.graph.inputs.remove(v)  # IR 3 listed the weights as inputs
+    model.ir_version = max(model.ir_version, 4)
+    PassManager("fold-constants,dce", verify="end").run(model, Context())
+    randomize_weights(model, 0)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
+def test_onnx_zoo_models_match_onnxruntime(name, tmp_path):
+    """SqueezeNet (Concat, ceil-mode MaxPool, Dropout) and ShuffleNet (grouped convs, the
+    channel shuffle's 5-D Transpose) from onnx's test data, float, through C."""
+    model = light_model(name)
+    out = tmp_path / name
+    emit_c(model, str(out), prefix="net")
+    sources = sorted(str(p) for p in out.glob("*.c"))
+    exe = str(out / "run")
+    subprocess.run(["gcc", "-std=c99", "-O1", "-DNET_TEST_MAIN", f"-I{out}", *sources, "-o", exe,
+                    "-lm"], check=True)  # -O1: 20 MB of weights compile in seconds
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = ort(model, x)
+    got = run_c(exe, tmp_path, x.transpose(0, 2, 3, 1))
+    got = got.reshape(want.shape) if want.ndim != 4 else \
+        got.reshape(1, want.shape[2], want.shape[3], -1).transpose(0, 3, 1, 2)
+    assert np.abs(got - want).max() <= 1e-4 * float(want.max() - want.min())
+    assert got.argmax() == want.argmax()
