@@ -124,6 +124,12 @@ def infer_shapes(model: Model, data_prop: bool = True, refine_symbolic: bool = F
     return changed
 
 
+#: Symbolic dim names that name no particular size: each such dim is free on its own
+#: (Paddle's exporter writes ``?`` for every unknown dim), so two of them are never bound
+#: together.
+ANONYMOUS_DIMS = frozenset({"?", "-1", "unk__"})
+
+
 def static_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """Fix the shapes of graph inputs, bind their symbolic dims everywhere, and re-infer.
 
@@ -156,7 +162,8 @@ def static_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]]) -> di
             old: Any = declared[i] if declared is not None else None
             if isinstance(old, int) and old != d:
                 raise EdgeoptError(f"input {name!r} dim {i} is fixed at {old}, got {d}")
-            if isinstance(old, str) and bindings.setdefault(old, d) != d:
+            if isinstance(old, str) and old not in ANONYMOUS_DIMS and \
+                    bindings.setdefault(old, d) != d:
                 raise EdgeoptError(f"symbolic dim {old!r} bound to both {bindings[old]} "
                                    f"and {d}")
     for value in _all_values(model.graph):

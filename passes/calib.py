@@ -259,9 +259,7 @@ def _cast(arr: np.ndarray, dtype: DataType | None, source: str, name: str) -> np
                            "(no safe cast)")
 
 
-#: Symbolic dim names that name no particular size: each such dim is free on its own
-#: (Paddle's exporter writes ``?`` for every unknown dim).
-ANONYMOUS_DIMS = frozenset({"?", "-1", "unk__"})
+from edgeopt.ir.shapes import ANONYMOUS_DIMS  # noqa: E402 - re-exported for callers
 
 
 def _check_shape(arr: np.ndarray, value: Value, source: str,

@@ -186,8 +186,13 @@ _SPECIAL: dict[str, Callable[[_Folder, Node], list[Tensor] | None]] = {
 }
 
 
+#: Operators that are how a weight is stored: folding DequantizeLinear(int8 constant) would
+#: turn a quantized weight back into float.
+STORAGE = frozenset({"DequantizeLinear"})
+
+
 def _foldable(node: Node) -> bool:
-    return is_default_domain(node) and node.op_type not in NONDETERMINISTIC \
+    return is_default_domain(node) and node.op_type not in NONDETERMINISTIC | STORAGE \
         and not any(True for _ in node.subgraphs()) \
         and any(out.uses() or out.is_graph_output() for out in node.outputs)
 
@@ -207,7 +212,8 @@ def _replace(node: Node, tensors: list[Tensor]) -> None:
 def fold_constants(model: Model, ctx: Context, opts: FoldConstantsOptions) -> PassResult:
     """Replace nodes whose inputs are all constant by initializers holding their outputs.
 
-    A node folds when it is in the default domain, deterministic, holds no subgraph, has a
+    A node folds when it is in the default domain, deterministic, not a DequantizeLinear (a
+    quantized weight stays quantized), holds no subgraph, has a
     used output, and its inputs are constants (see ``_util.constant_tensor``: initializers
     that are not graph inputs, plus initializer-inputs of the main graph in IR < 4 models).
     ``Shape``/``Size`` also fold when their input merely has a static shape, and

@@ -73,8 +73,8 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
             raise EdgeoptError(f"--measure and --sparse-initializers apply to ONNX output, not "
                                f"--emit {args.emit}")
         return _emit_c(args, console, passes)
-    if args.budget or args.prefix:
-        raise EdgeoptError("--budget and --prefix apply to --emit c / c-header")
+    if args.budget or args.prefix or args.input_shape:
+        raise EdgeoptError("--budget, --prefix and --input-shape apply to --emit c / c-header")
     out = output_path(args.model, args.output)
     model = ir.load(args.model)
     _verify_input(model, args.model)
@@ -125,9 +125,10 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
 
 def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
     """``--emit c|c-header``: run the pipeline, then write the C library into a folder."""
-    from edgeopt.backends.c import emit_c, file_sha256, parse_budget
+    from edgeopt.backends.c import emit_c, file_sha256, parse_budget, parse_input_shapes
 
     budget = parse_budget(args.budget) if args.budget else None
+    shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
     stem = os.path.splitext(os.path.basename(args.model))[0]
     out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.model)),
                                           stem + "_c")
@@ -140,7 +141,8 @@ def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
     report = PassManager(passes, verify="end", instruments=[_Announce(console)]).run(model, ctx)
     console.info(f"emitting {args.emit} ...")
     result = emit_c(model, None, args.prefix or stem, mode=args.emit, budget=budget,
-                    pipeline=args.pipeline, source_sha256=file_sha256(args.model))
+                    pipeline=args.pipeline, source_sha256=file_sha256(args.model),
+                    input_shapes=shapes)
     from edgeopt.backends.c import write_files
 
     write_files(out_dir, result.files)  # only once everything above succeeded

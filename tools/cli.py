@@ -84,6 +84,9 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="flash=SIZE,ram=SIZE",
                    help="with --emit c: fail (writing nothing) unless the constants fit flash "
                         "and the arena fits RAM, e.g. flash=256K,ram=64K")
+    p.add_argument("--input-shape", metavar="NAME:DxD..",
+                   help="with --emit c: static shapes of inputs with symbolic dims, "
+                        "comma-separated, e.g. x:1x3x48x192")
     p.add_argument("--sparse-initializers", action="store_true",
                    help="write CSR-packed weights (the csr pass) as ONNX sparse_initializer "
                         "where that is smaller; ONNX Runtime loads them (default: dense, and "

@@ -22,7 +22,8 @@ from .emit import ArenaPlan, arena_plan, render
 from .lower import LoweringError, c_identifier, lower
 from .program import Program
 
-__all__ = ["BudgetError", "EmitResult", "LoweringError", "emit_c", "parse_budget"]
+__all__ = ["BudgetError", "EmitResult", "LoweringError", "emit_c", "parse_budget",
+           "parse_input_shapes"]
 
 RUNTIME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
 
@@ -58,22 +59,58 @@ def parse_budget(text: str) -> dict[str, int]:
     return out
 
 
-def _prepare(model: Model) -> Model:
-    """A clone bound to batch 1, simplified when it is a float model (not a QDQ one)."""
+def parse_input_shapes(text: str) -> dict[str, tuple[int, ...]]:
+    """``"x:1x3x48x192,y:1x4"`` -> ``{"x": (1, 3, 48, 192), "y": (1, 4)}``.
+
+    Raises:
+        EdgeoptError: an entry that is not ``name:DxDx...``.
+    """
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, dims = part.rpartition(":")
+        sizes = dims.lower().split("x")
+        if not sep or not name or not all(d.isdigit() for d in sizes):
+            raise EdgeoptError(f"--input-shape {part!r}: expected NAME:DxDx..., e.g. "
+                               "x:1x3x48x192")
+        out[name] = tuple(int(d) for d in sizes)
+    return out
+
+
+def _prepare(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Model:
+    """A clone with static shapes (batch 1, or ``input_shapes``).
+
+    A float model (not a QDQ one) is simplified too.
+    """
+    from edgeopt.ir import static_shapes
     from edgeopt.ir.sparse import CSRTensor
     from edgeopt.passes import Context, PassManager
     from edgeopt.passes.analyses.costs import bind_batch
 
+    shapes = dict(input_shapes or {})
     for v in model.graph.inputs:
-        if v.is_initializer() or v.shape is None:
+        if v.is_initializer() or v.shape is None or v.name in shapes:
             continue
         free = [d for d in v.shape[1:] if not isinstance(d, int)]
         if free:
             raise LoweringError(f"cannot emit C: input {c_identifier(v.name, 'v')!r} has "
                                 f"symbolic dimensions besides the batch ({len(free)}); C needs "
-                                "static shapes: export the model at its deployment size")
-    clone = bind_batch(model, 1)
-    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in clone.walk()):
+                                "static shapes: give them with --input-shape NAME:DxDx...")
+    clone = model.clone()
+    for node in clone.walk():  # declared intermediate shapes may hold stale symbols: re-infer
+        for out in node.outputs:
+            out.shape = None
+    if shapes:
+        static_shapes(clone, shapes)
+    clone = bind_batch(clone, 1)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in clone.walk()):
+        # QDQ: fold shape computations only (DequantizeLinear weights are never folded);
+        # each round's shapes let the next fold the Shape nodes downstream.
+        for _ in range(4):
+            report = PassManager("fold-constants,dce", verify="end").run(clone, Context())
+            infer_shapes(clone)
+            if not report.modified:
+                break
+    else:
         packed = any(isinstance(v.const_value, CSRTensor) for v in clone.graph.initializers
                      .values())
         # Folding BatchNormalization rewrites weights, which drops their CSR packing: pack
@@ -127,7 +164,8 @@ def _io(t) -> dict[str, Any]:
 
 def emit_c(model: Model, out_dir: str | None = None, prefix: str = "model", *,
            mode: str = "c", budget: dict[str, int] | None = None, alignment: int = 16,
-           pipeline: str = "", source_sha256: str = "") -> EmitResult:
+           pipeline: str = "", source_sha256: str = "",
+           input_shapes: dict[str, tuple[int, ...]] | None = None) -> EmitResult:
     """Generate the C library of ``model`` (and write it to ``out_dir`` when given).
 
     Args:
@@ -140,6 +178,8 @@ def emit_c(model: Model, out_dir: str | None = None, prefix: str = "model", *,
         alignment: arena offset alignment (the header's ``<P>_ALIGN`` default is 16).
         pipeline: the pipeline spec, recorded in the header.
         source_sha256: SHA-256 of the source model file, recorded in the header.
+        input_shapes: static shapes of inputs whose dims are symbolic beyond the batch
+            (``{"x": (1, 3, 48, 192)}``; see :func:`parse_input_shapes`).
 
     Raises:
         LoweringError: nodes the backend cannot lower exactly (all listed).
@@ -152,7 +192,7 @@ def emit_c(model: Model, out_dir: str | None = None, prefix: str = "model", *,
     if mode not in ("c", "c-header"):
         raise ValueError(f"mode must be 'c' or 'c-header', not {mode!r}")
     prefix = c_identifier(prefix, "m").lower()
-    program = lower(_prepare(model), prefix, register_all(), sparse=mode == "c")
+    program = lower(_prepare(model, input_shapes), prefix, register_all(), sparse=mode == "c")
     plans = [arena_plan(program, False, alignment)]
     if program.quantized:
         plans.append(arena_plan(program, True, alignment))

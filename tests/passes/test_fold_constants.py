@@ -308,3 +308,19 @@ def test_negative_caps_are_rejected():
 
     with pytest.raises(OptionError, match="max_bytes and max_lazy_bytes must be >= 0"):
         PassManager("fold-constants:-1")
+
+
+def test_dequantized_weights_stay_quantized():
+    """DequantizeLinear(int8 constant) is how a quantized weight is stored: never folded
+    (``quant`` then ``simplify`` must keep int8 weights), while a Shape chain next to it is."""
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 4] x) => (float[2, 3] y, int64[2] s) {
+  q = Constant <value = int8[4, 3] {1, -2, 3, 4, -5, 6, 7, -8, 9, 10, -11, 12}> ()
+  sc = Constant <value = float {0.5}> ()
+  w = DequantizeLinear(q, sc)
+  y = MatMul(x, w)
+  s = Shape(x)
+}""")
+    step = run(model)
+    assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"]
+    assert step.stats.get("nodes_folded") == 1
