@@ -124,10 +124,10 @@ class _Exporter:
 
     def as_sparse(self, tensor: Tensor) -> SparseTensor | None:
         """The ONNX sparse form of a CSR-packed weight, when asked for and smaller."""
-        if not (self.sparse_initializers and isinstance(tensor, CSRTensor)):
+        if not (self.sparse_initializers and isinstance(tensor, CSRTensor)) \
+                or tensor.coo_nbytes >= tensor.nbytes:
             return None
-        coo = tensor.to_coo()
-        return coo if coo.stored_nbytes < tensor.nbytes else None
+        return tensor.to_coo()
 
     def tensor(self, tensor: Tensor, name: str) -> onnx.TensorProto:
         if self.external is not None and self.external.wants(tensor):

@@ -149,6 +149,11 @@ class CSRTensor(_TensorBase):
         return (nbytes_of(self._dtype, (self.nnz,)) + self.col_idx.nbytes
                 + self.row_ptr.nbytes)
 
+    @property
+    def coo_nbytes(self) -> int:
+        """Bytes of the ONNX sparse form (:meth:`to_coo`: values + int64 indices), not built."""
+        return nbytes_of(self._dtype, (self.nnz,)) + 8 * self.nnz
+
     def unpack(self) -> np.ndarray:
         """The dense array, exactly as packed."""
         rows, cols = self.dims

@@ -10,7 +10,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from ._base import OptionError
 
-__all__ = ["build_options", "coerce", "describe_type", "option_fields"]
+__all__ = ["build_options", "coerce", "describe_type", "option_fields", "parse_overrides"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -134,3 +134,22 @@ def build_options(cls: type | None, pass_name: str, raw: dict[str, Any]) -> Any:
         except ValueError as e:
             raise OptionError(f"pass {pass_name!r}: {e}") from None
     return opts
+
+
+def parse_overrides(entries: tuple[str, ...]) -> list[tuple[str, float]]:
+    """Per-layer ratios ``pattern:ratio`` (``prune``'s and ``sparsify``'s ``overrides``).
+
+    Raises:
+        ValueError: an entry is not ``pattern:ratio`` with a ratio in [0, 1).
+    """
+    pairs = []
+    for entry in entries:
+        pattern, sep, value = entry.rpartition(":")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = -1.0
+        if not sep or not pattern or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"override {entry!r} must be pattern:ratio with a ratio in [0, 1)")
+        pairs.append((pattern, ratio))
+    return pairs

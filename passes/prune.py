@@ -36,6 +36,7 @@ from edgeopt.ir import LazyTensor, Model, Node, Tensor
 
 from ._base import Context, OptionError, PassResult
 from ._manager import model_stats
+from ._options import parse_overrides
 from ._prune_recover import (
     META_KEY as RECOVERY_META_KEY,
 )
@@ -109,23 +110,8 @@ class PruneOptions:
     steps: int = 1
 
     def override_ratios(self) -> list[tuple[str, float]]:
-        """``overrides`` parsed into ``(pattern, ratio)`` pairs.
-
-        Raises:
-            ValueError: an entry is not ``pattern:ratio`` with a ratio in [0, 1).
-        """
-        pairs = []
-        for entry in self.overrides:
-            pattern, sep, value = entry.rpartition(":")
-            try:
-                ratio = float(value)
-            except ValueError:
-                ratio = -1.0
-            if not sep or not pattern or not 0.0 <= ratio < 1.0:
-                raise ValueError(f"override {entry!r} must be pattern:ratio with a ratio in "
-                                 "[0, 1)")
-            pairs.append((pattern, ratio))
-        return pairs
+        """``overrides`` parsed into ``(pattern, ratio)`` pairs (see :func:`parse_overrides`)."""
+        return parse_overrides(self.overrides)
 
     def validate(self) -> None:
         """Raise ValueError for out-of-range values."""

@@ -38,6 +38,7 @@ import numpy as np
 from edgeopt.ir import DataType, Model, Node, Value
 
 from ._base import CalibrationError, Context, PassResult
+from ._options import parse_overrides
 from ._registry import register_pass
 from ._sparsify_refit import LayerInputs, refit_layers, refit_sequential
 from ._util import NameGen, add_constant, as_tensor
@@ -93,23 +94,8 @@ class SparsifyOptions:
     samples: int = 128
 
     def override_ratios(self) -> list[tuple[str, float]]:
-        """``overrides`` parsed into ``(pattern, ratio)`` pairs.
-
-        Raises:
-            ValueError: an entry is not ``pattern:ratio`` with a ratio in [0, 1).
-        """
-        pairs = []
-        for entry in self.overrides:
-            pattern, sep, value = entry.rpartition(":")
-            try:
-                ratio = float(value)
-            except ValueError:
-                ratio = -1.0
-            if not sep or not pattern or not 0.0 <= ratio < 1.0:
-                raise ValueError(f"override {entry!r} must be pattern:ratio with a ratio in "
-                                 "[0, 1)")
-            pairs.append((pattern, ratio))
-        return pairs
+        """``overrides`` parsed into ``(pattern, ratio)`` pairs (see :func:`parse_overrides`)."""
+        return parse_overrides(self.overrides)
 
     def nm(self) -> tuple[int, int] | None:
         """``pattern`` as ``(N, M)``, or None without a pattern.

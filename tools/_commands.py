@@ -101,10 +101,7 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
         result["latency"] = latency
     if packing["weights"]:
         result["csr"] = packing
-    if args.report:
-        write_text_atomic(args.report, json.dumps(result, indent=2, default=str) + "\n")
-    if args.json:
-        print_json(result)
+    if _report_or_json(args, result):
         return 0
     print(report.table())
     if changes:
@@ -121,6 +118,15 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     before, after = os.path.getsize(args.model), os.path.getsize(out)
     print(f"wrote {out} ({human_bytes(before)} -> {human_bytes(after)})")
     return 0
+
+
+def _report_or_json(args: argparse.Namespace, data: dict[str, Any]) -> bool:
+    """Write ``--report``; with ``--json`` also print ``data`` and return True."""
+    if args.report:
+        write_text_atomic(args.report, json.dumps(data, indent=2, default=str) + "\n")
+    if args.json:
+        print_json(data)
+    return bool(args.json)
 
 
 def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
@@ -148,10 +154,7 @@ def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
     write_files(out_dir, result.files)  # only once everything above succeeded
     data = {**report.to_dict(), "input": args.model, "output": out_dir,
             "files": sorted(result.files), "c": result.report}
-    if args.report:
-        write_text_atomic(args.report, json.dumps(data, indent=2, default=str) + "\n")
-    if args.json:
-        print_json(data)
+    if _report_or_json(args, data):
         return 0
     print(report.table())
     c = result.report
@@ -218,7 +221,7 @@ def packed_weights(model: ir.Model) -> dict[str, int]:
             out["weights"] += 1
             out["dense_bytes"] += t.nbytes
             out["csr_bytes"] += t.stored_nbytes
-            coo = t.to_coo().stored_nbytes
+            coo = t.coo_nbytes
             if coo < t.nbytes:
                 out["onnx_sparse"] += 1
                 out["onnx_sparse_dense_bytes"] += t.nbytes

@@ -181,7 +181,6 @@ class Lowerer:
             raise LoweringError(f"value {c_identifier(value.name)!r} is not computed by any "
                                 "lowered node")
         out = self.new_tensor(value, "float", v.tensor.shape, v.tensor.layout, v.tensor.chw)
-        out.alias = None
         self.emit(Op("eo_dequantize_s8", c_identifier(value.name), "DequantizeLinear",
                      [float(v.scale), int(v.zero_point), v.tensor, out, out.size],
                      [v.tensor], [out]))

@@ -17,7 +17,7 @@ from edgeopt.ir import Node, Value
 
 from . import reference as ref
 from .lower import Lowerer, LoweringError, QView, clamp_bounds
-from .program import Const, Op, Ptrs, TensorRef
+from .program import CTYPES, Const, Op, Ptrs, TensorRef
 from .rules import _flt, c_shape, rule
 
 __all__ = ["UNARY"]
@@ -396,7 +396,7 @@ def concat(lw: Lowerer, node: Node) -> None:
                                        q if int8 else None))
     c_axis = {0: 0, 1: 3, 2: 1, 3: 2}[axis] if layout == "nhwc" else axis
     shape = c_shape(ys)[0] if layout == "nhwc" else ys
-    elem = 1 if int8 else 4
+    elem = CTYPES["int8_t" if int8 else "float"][0]
     dims = [lw.shape(v) for v in node.inputs]
     dims = [c_shape(d)[0] if layout == "nhwc" else d for d in dims]
     sizes = [math.prod(d[c_axis:]) * elem for d in dims]

@@ -7,6 +7,7 @@ runs the digits test images; outputs are compared with ONNX Runtime on the same 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import subprocess
@@ -158,15 +159,32 @@ def test_verify_detects_corrupted_weights_and_parameters(name, spec, tmp_path):
     assert _verify(tmp_path) == 3
 
 
-def test_crc_in_header_is_zlib_crc_of_every_constant(tmp_path):
-    model = prepared("cnn")
-    result = emit_c(model, None, prefix="net")
+@pytest.mark.parametrize("name, spec", [("cnn", ""), ("resnet", "quant:int8")])
+def test_crc_covers_constants_parameter_blocks_and_offsets(name, spec):
+    """What the CRC covers, counted from the generated C, not from the emitter: every constant
+    array, every pointer-free parameter block (sizes from C's own sizeof, via ckernels), and
+    the two offset tables."""
+    import re
+
+    import ckernels
+
     from edgeopt.backends.c.program import CTYPES
 
+    result = emit_c(prepared(name, spec), None, prefix="net")
     consts = result.report["constants"]
     assert consts and result.report["flash_bytes"] == sum(c["bytes"] for c in consts)
     assert result.report["crc32"].startswith("0x") and len(result.report["crc32"]) == 10
     assert CTYPES["int8_t"][0] == 1
+    code = result.files["net_model.c"]
+    sizes = {"eo_conv_params": ckernels.ConvParams, "eo_fc_params": ckernels.FcParams,
+             "eo_pool_params": ckernels.PoolParams, "eo_binary_params": ckernels.BinaryParams}
+    blocks = re.findall(r"^static const (eo_\w+_params) net_p\d+ = ", code, flags=re.M)
+    offsets = re.findall(r"^static const uint32_t net_off\w* ?\[(\d+)\]", code, flags=re.M)
+    assert len(offsets) == 2
+    covered = result.report["flash_bytes"] + sum(ctypes.sizeof(sizes[b]) for b in blocks) \
+        + sum(4 * int(n) for n in offsets)
+    assert result.report["crc_bytes"] == covered
+    assert f"#define NET_CRC_BYTES {covered}u" in result.files["net_model.h"]
 
 
 def test_arena_no_larger_than_tflite_micro_greedy_plan():

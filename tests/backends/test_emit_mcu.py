@@ -29,14 +29,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mcu_toolchain import require_toolchain
 
-import edgeopt.passes.sparsify  # noqa: F401  registers ``sparsify`` (not yet in passes/__init__)
 from edgeopt import ir
 from edgeopt.backends.c import emit_c, mcu
 from edgeopt.backends.c.memory import align_up
@@ -89,14 +88,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def tc() -> mcu.Toolchain:
-    found = mcu.toolchain()
-    if found is None:
-        reason = (
-            "mcu: arm-none-eabi-gcc/qemu-system-arm not installed: "
-            f"{mcu.toolchain_missing_reason()}"
-        )
-        warnings.warn(reason, stacklevel=1)  # the warnings summary shows it without -rs
-        pytest.skip(reason)
+    found = require_toolchain()
     if shutil.which("gcc") is None:
         pytest.skip("mcu: needs the host gcc to compare with")
     return found

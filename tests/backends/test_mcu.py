@@ -10,10 +10,10 @@ import re
 import struct
 import subprocess
 import time
-import warnings
 
 import numpy as np
 import pytest
+from mcu_toolchain import require_toolchain
 
 from edgeopt.backends.c import mcu
 
@@ -118,14 +118,7 @@ MAIN_RETURNS_42 = "int main(void) { return 42; }\n"
 
 @pytest.fixture(scope="module")
 def tc() -> mcu.Toolchain:
-    found = mcu.toolchain()
-    if found is None:
-        reason = (
-            "mcu: arm-none-eabi-gcc/qemu-system-arm not installed: "
-            f"{mcu.toolchain_missing_reason()}"
-        )
-        warnings.warn(reason, stacklevel=1)  # the warnings summary shows it without -rs
-        pytest.skip(reason)
+    found = require_toolchain()
     return found
 
 

@@ -47,6 +47,7 @@ def test_unpack_pack_is_exact(arr, layout):
     assert t.nnz == np.count_nonzero(arr)
     assert t.stored_nbytes == csr_nbytes(arr, layout)
     assert np.array_equal(t.to_coo().numpy(), arr)  # the ONNX sparse form holds the same
+    assert t.coo_nbytes == t.to_coo().stored_nbytes
 
 
 @SETTINGS

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -192,12 +193,27 @@ def distribution(n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def model_buffers(path: str) -> list[Buffer]:
+    """The arena buffers of an ONNX model's C schedule (the plain API: I/O in caller memory)."""
+    from edgeopt import ir
+    from edgeopt.backends.c import _prepare
+    from edgeopt.backends.c.emit import liveness
+    from edgeopt.backends.c.lower import lower
+    from edgeopt.backends.c.rules import register_all
+
+    return liveness(lower(_prepare(ir.load(path)), "m", register_all()), False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random", type=int, default=0, help="seeds per family for the distribution")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--onnx", nargs="*", default=[], metavar="MODEL",
+                    help="also plan the arena of these ONNX models as --emit c lowers them "
+                         "(float, batch 1)")
     args = ap.parse_args(argv)
     rows = [compare(make(random.Random(0)), name) for name, make in FAMILIES.items()]
+    rows += [compare(model_buffers(path), os.path.basename(path)) for path in args.onnx]
     print(table(rows))
     out: dict[str, Any] = {"cases": rows}
     if args.random:

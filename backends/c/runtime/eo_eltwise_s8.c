@@ -5,27 +5,6 @@
  */
 #include "eo_internal.h"
 
-/* One innermost row of a broadcast binary op: n elements, element strides sa and sb. */
-typedef void (*eo_row_s8)(const eo_binary_params *p, const int8_t *a, int32_t sa,
-                          const int8_t *b, int32_t sb, int8_t *out, int32_t n);
-
-/* Walks the three outer dims of a broadcast binary op and hands each innermost row to row(). */
-static void eo_broadcast_s8(const eo_binary_params *p, const int8_t *a, const int8_t *b,
-                            int8_t *out, eo_row_s8 row)
-{
-    int32_t i0, i1, i2;
-    for (i0 = 0; i0 < p->dims[0]; ++i0) {
-        for (i1 = 0; i1 < p->dims[1]; ++i1) {
-            for (i2 = 0; i2 < p->dims[2]; ++i2) {
-                const int32_t oa = i0 * p->a_stride[0] + i1 * p->a_stride[1] + i2 * p->a_stride[2];
-                const int32_t ob = i0 * p->b_stride[0] + i1 * p->b_stride[1] + i2 * p->b_stride[2];
-                row(p, a + oa, p->a_stride[3], b + ob, p->b_stride[3], out, p->dims[3]);
-                out += p->dims[3];
-            }
-        }
-    }
-}
-
 /* TFLite int8 Add/Sub: both inputs scaled to a common 2^-left_shift grid, summed, requantized */
 static int8_t eo_addsub_one(const eo_binary_params *p, int32_t a, int32_t b, int32_t sign)
 {
@@ -37,27 +16,33 @@ static int8_t eo_addsub_one(const eo_binary_params *p, int32_t a, int32_t b, int
     return (int8_t)eo_i_clamp(raw, p->act_min, p->act_max);
 }
 
-static void eo_add_row(const eo_binary_params *p, const int8_t *a, int32_t sa, const int8_t *b,
-                       int32_t sb, int8_t *out, int32_t n)
+static void eo_add_row(const eo_binary_params *p, const void *va, int32_t sa, const void *vb,
+                       int32_t sb, void *vout, int32_t n)
 {
+    const int8_t *a = (const int8_t *)va, *b = (const int8_t *)vb;
+    int8_t *out = (int8_t *)vout;
     int32_t i;
     for (i = 0; i < n; ++i) {
         out[i] = eo_addsub_one(p, a[i * sa], b[i * sb], 1);
     }
 }
 
-static void eo_sub_row(const eo_binary_params *p, const int8_t *a, int32_t sa, const int8_t *b,
-                       int32_t sb, int8_t *out, int32_t n)
+static void eo_sub_row(const eo_binary_params *p, const void *va, int32_t sa, const void *vb,
+                       int32_t sb, void *vout, int32_t n)
 {
+    const int8_t *a = (const int8_t *)va, *b = (const int8_t *)vb;
+    int8_t *out = (int8_t *)vout;
     int32_t i;
     for (i = 0; i < n; ++i) {
         out[i] = eo_addsub_one(p, a[i * sa], b[i * sb], -1);
     }
 }
 
-static void eo_mul_row(const eo_binary_params *p, const int8_t *a, int32_t sa, const int8_t *b,
-                       int32_t sb, int8_t *out, int32_t n)
+static void eo_mul_row(const eo_binary_params *p, const void *va, int32_t sa, const void *vb,
+                       int32_t sb, void *vout, int32_t n)
 {
+    const int8_t *a = (const int8_t *)va, *b = (const int8_t *)vb;
+    int8_t *out = (int8_t *)vout;
     int32_t i;
     for (i = 0; i < n; ++i) {
         const int32_t prod = ((int32_t)a[i * sa] + p->a_offset) * ((int32_t)b[i * sb] + p->b_offset);
@@ -68,33 +53,17 @@ static void eo_mul_row(const eo_binary_params *p, const int8_t *a, int32_t sa, c
 
 void eo_add_s8(const eo_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out)
 {
-    eo_broadcast_s8(p, a, b, out, eo_add_row);
+    eo_i_broadcast(p, a, b, out, 1, eo_add_row);
 }
 
 void eo_sub_s8(const eo_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out)
 {
-    eo_broadcast_s8(p, a, b, out, eo_sub_row);
+    eo_i_broadcast(p, a, b, out, 1, eo_sub_row);
 }
 
 void eo_mul_s8(const eo_binary_params *p, const int8_t *a, const int8_t *b, int8_t *out)
 {
-    eo_broadcast_s8(p, a, b, out, eo_mul_row);
-}
-
-/* The window of one pooled output, clipped to the image: [y0, y1) x [x0, x1) in input rows. */
-typedef struct {
-    int32_t y0, y1, x0, x1;
-} eo_window;
-
-static eo_window eo_pool_window(const eo_pool_params *p, int32_t oy, int32_t ox)
-{
-    eo_window w;
-    const int32_t iy = oy * p->stride_h - p->pad_top, ix = ox * p->stride_w - p->pad_left;
-    w.y0 = iy < 0 ? 0 : iy;
-    w.x0 = ix < 0 ? 0 : ix;
-    w.y1 = iy + p->k_h < p->in_h ? iy + p->k_h : p->in_h;
-    w.x1 = ix + p->k_w < p->in_w ? ix + p->k_w : p->in_w;
-    return w;
+    eo_i_broadcast(p, a, b, out, 1, eo_mul_row);
 }
 
 /* C99 division rounded to nearest, ties away from zero (TFLite's average rounding) */
@@ -127,7 +96,7 @@ static void eo_pool_s8(const eo_pool_params *p, const int8_t *in, int8_t *out, i
     for (b = 0; b < p->batch; ++b) {
         for (oy = 0; oy < p->out_h; ++oy) {
             for (ox = 0; ox < p->out_w; ++ox) {
-                const eo_window w = eo_pool_window(p, oy, ox);
+                const eo_window w = eo_i_pool_window(p, oy, ox);
                 for (c = 0; c < p->c; ++c) {
                     const int32_t v = eo_pool_one(p, in, b, w, c, is_max);
                     *out++ = (int8_t)eo_i_clamp(v, p->act_min, p->act_max);

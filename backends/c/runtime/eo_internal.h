@@ -91,4 +91,46 @@ static inline void eo_i_csr_col(int32_t col, int32_t icg, int32_t *tap, int32_t 
     *ic = col - *tap * icg;
 }
 
+/* The window of one pooled output, clipped to the image: [y0, y1) x [x0, x1) in input rows. */
+typedef struct {
+    int32_t y0, y1, x0, x1;
+} eo_window;
+
+static inline eo_window eo_i_pool_window(const eo_pool_params *p, int32_t oy, int32_t ox)
+{
+    eo_window w;
+    const int32_t iy = oy * p->stride_h - p->pad_top, ix = ox * p->stride_w - p->pad_left;
+    w.y0 = iy < 0 ? 0 : iy;
+    w.x0 = ix < 0 ? 0 : ix;
+    w.y1 = iy + p->k_h < p->in_h ? iy + p->k_h : p->in_h;
+    w.x1 = ix + p->k_w < p->in_w ? ix + p->k_w : p->in_w;
+    return w;
+}
+
+/* One innermost row of a broadcast binary op (any element type): n elements, element
+ * strides sa and sb. */
+typedef void (*eo_row_fn)(const eo_binary_params *p, const void *a, int32_t sa, const void *b,
+                          int32_t sb, void *out, int32_t n);
+
+/* Walks the three outer dims of a broadcast binary op over elements of `elem` bytes and hands
+ * each innermost row to row(). */
+static inline void eo_i_broadcast(const eo_binary_params *p, const void *a, const void *b,
+                                  void *out, int32_t elem, eo_row_fn row)
+{
+    const uint8_t *pa = (const uint8_t *)a, *pb = (const uint8_t *)b;
+    uint8_t *po = (uint8_t *)out;
+    int32_t i0, i1, i2;
+    for (i0 = 0; i0 < p->dims[0]; ++i0) {
+        for (i1 = 0; i1 < p->dims[1]; ++i1) {
+            for (i2 = 0; i2 < p->dims[2]; ++i2) {
+                const int32_t oa = i0 * p->a_stride[0] + i1 * p->a_stride[1] + i2 * p->a_stride[2];
+                const int32_t ob = i0 * p->b_stride[0] + i1 * p->b_stride[1] + i2 * p->b_stride[2];
+                row(p, pa + oa * elem, p->a_stride[3], pb + ob * elem, p->b_stride[3], po,
+                    p->dims[3]);
+                po += p->dims[3] * elem;
+            }
+        }
+    }
+}
+
 #endif /* EO_INTERNAL_H */

@@ -168,62 +168,43 @@ void eo_fc_f32_csr(const eo_fc_params *p, const float *in, const eo_csr *w, cons
     }
 }
 
-/* Elementwise binary float ops with broadcasting (see eo_binary_params). */
-typedef enum { EO_ADD, EO_SUB, EO_MUL, EO_DIV } eo_binop;
-
-static float eo_binop_one(eo_binop op, float a, float b)
-{
-    switch (op) {
-    case EO_ADD:
-        return a + b;
-    case EO_SUB:
-        return a - b;
-    case EO_MUL:
-        return a * b;
-    default:
-        return a / b;
+/* Elementwise binary float ops with broadcasting (see eo_binary_params): one row each. */
+#define EO_ROW_F32(name, expr)                                                               \
+    static void name(const eo_binary_params *p, const void *va, int32_t sa, const void *vb,   \
+                     int32_t sb, void *vout, int32_t n)                                     \
+    {                                                                                          \
+        const float *a = (const float *)va, *b = (const float *)vb;                           \
+        float *out = (float *)vout;                                                            \
+        int32_t i;                                                                             \
+        for (i = 0; i < n; ++i) {                                                              \
+            const float x = a[i * sa], y = b[i * sb];                                          \
+            out[i] = eo_i_fclamp(expr, p->fact_min, p->fact_max);                              \
+        }                                                                                      \
     }
-}
 
-static void eo_broadcast_f32(const eo_binary_params *p, const float *a, const float *b,
-                             float *out, eo_binop op)
-{
-    int32_t i0, i1, i2, i3;
-    for (i0 = 0; i0 < p->dims[0]; ++i0) {
-        for (i1 = 0; i1 < p->dims[1]; ++i1) {
-            for (i2 = 0; i2 < p->dims[2]; ++i2) {
-                const float *ra = a + i0 * p->a_stride[0] + i1 * p->a_stride[1] +
-                                  i2 * p->a_stride[2];
-                const float *rb = b + i0 * p->b_stride[0] + i1 * p->b_stride[1] +
-                                  i2 * p->b_stride[2];
-                for (i3 = 0; i3 < p->dims[3]; ++i3) {
-                    const float v = eo_binop_one(op, ra[i3 * p->a_stride[3]],
-                                                 rb[i3 * p->b_stride[3]]);
-                    *out++ = eo_i_fclamp(v, p->fact_min, p->fact_max);
-                }
-            }
-        }
-    }
-}
+EO_ROW_F32(eo_add_row_f32, x + y)
+EO_ROW_F32(eo_sub_row_f32, x - y)
+EO_ROW_F32(eo_mul_row_f32, x * y)
+EO_ROW_F32(eo_div_row_f32, x / y)
 
 void eo_add_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
 {
-    eo_broadcast_f32(p, a, b, out, EO_ADD);
+    eo_i_broadcast(p, a, b, out, 4, eo_add_row_f32);
 }
 
 void eo_sub_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
 {
-    eo_broadcast_f32(p, a, b, out, EO_SUB);
+    eo_i_broadcast(p, a, b, out, 4, eo_sub_row_f32);
 }
 
 void eo_mul_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
 {
-    eo_broadcast_f32(p, a, b, out, EO_MUL);
+    eo_i_broadcast(p, a, b, out, 4, eo_mul_row_f32);
 }
 
 void eo_div_f32(const eo_binary_params *p, const float *a, const float *b, float *out)
 {
-    eo_broadcast_f32(p, a, b, out, EO_DIV);
+    eo_i_broadcast(p, a, b, out, 4, eo_div_row_f32);
 }
 
 static void eo_pool_f32(const eo_pool_params *p, const float *in, float *out, int is_max)
@@ -232,21 +213,18 @@ static void eo_pool_f32(const eo_pool_params *p, const float *in, float *out, in
     for (b = 0; b < p->batch; ++b) {
         for (oy = 0; oy < p->out_h; ++oy) {
             for (ox = 0; ox < p->out_w; ++ox) {
-                const int32_t iy = oy * p->stride_h - p->pad_top;
-                const int32_t ix = ox * p->stride_w - p->pad_left;
-                const int32_t y0 = iy < 0 ? 0 : iy, x0 = ix < 0 ? 0 : ix;
-                const int32_t y1 = iy + p->k_h < p->in_h ? iy + p->k_h : p->in_h;
-                const int32_t x1 = ix + p->k_w < p->in_w ? ix + p->k_w : p->in_w;
+                const eo_window w = eo_i_pool_window(p, oy, ox);
+                const int32_t count = (w.y1 - w.y0) * (w.x1 - w.x0);
                 for (c = 0; c < p->c; ++c) {
                     float acc = is_max ? -FLT_MAX : 0.0f;
-                    for (y = y0; y < y1; ++y) {
-                        for (x = x0; x < x1; ++x) {
+                    for (y = w.y0; y < w.y1; ++y) {
+                        for (x = w.x0; x < w.x1; ++x) {
                             const float v = in[eo_i_nhwc(b, y, x, p->in_h, p->in_w, p->c) + c];
                             acc = is_max ? (v > acc ? v : acc) : acc + v;
                         }
                     }
-                    if (!is_max && (y1 - y0) * (x1 - x0) > 0) {
-                        acc /= (float)((y1 - y0) * (x1 - x0));
+                    if (!is_max && count > 0) {
+                        acc /= (float)count;
                     }
                     *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
                 }
