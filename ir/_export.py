@@ -115,7 +115,12 @@ class ExternalWriter:
 
 class _Exporter:
     def __init__(self, model: Model, external: ExternalWriter | None,
-                 deferred: dict[str, Tensor] | None, sparse: bool = False) -> None:
+                 deferred: dict[str, Tensor] | None, sparse: bool = False,
+                 value_info: str = "all") -> None:
+        if value_info not in VALUE_INFO_POLICIES:
+            raise ValueError(f"value_info must be one of {', '.join(VALUE_INFO_POLICIES)}, "
+                             f"got {value_info!r}")
+        self.value_info = value_info
         self.model = model
         self.external = external
         self.deferred = deferred
@@ -183,7 +188,7 @@ class _Exporter:
         for node in graph:
             g.node.append(self.node(node))
             for out in node.outputs:
-                if id(out) not in listed and out.name and _has_info(out):
+                if id(out) not in listed and out.name and self.keeps_info(node, out):
                     g.value_info.append(value_info(out))
         for v in graph.initializers.values():
             # Type information a file attached to a weight through value_info (some exporters
@@ -196,6 +201,22 @@ class _Exporter:
             ann = g.quantization_annotation.add(tensor_name=tensor_name)
             for key, val in entries:
                 ann.quant_parameter_tensor_names.add(key=key, value=val)
+
+    def keeps_info(self, node: Node, v: Value) -> bool:
+        """Whether the output ``v`` of ``node`` (not a graph output) gets a value_info entry.
+
+        ``all``: whenever anything about its type is known. ``file``: what the file had (a
+        ``type_proto``, a doc string, metadata) goes back, and a type that a pass or shape
+        inference worked out only where ONNX shape inference could not work it out again,
+        i.e. for outputs of operators outside the standard domain. For a standard operator
+        the entry only costs bytes: on a quantized model the QuantizeLinear/DequantizeLinear
+        outputs alone are about 3% of the file.
+        """
+        if v.type_proto is not None or v.doc_string or v.metadata_props:
+            return True
+        if v.dtype is None and v.shape is None:
+            return False
+        return self.value_info == "all" or node.domain not in ("", "ai.onnx")
 
     def node(self, node: Node) -> onnx.NodeProto:
         n = _set(onnx.NodeProto(), op_type=node.op_type, domain=node.domain, name=node.name,
@@ -268,9 +289,8 @@ def _props(field: Any, props: dict[str, str]) -> None:
         field.add(key=key, value=val)
 
 
-def _has_info(v: Value) -> bool:
-    return v.dtype is not None or v.shape is not None or v.type_proto is not None \
-        or bool(v.doc_string) or bool(v.metadata_props)
+#: The ``value_info`` policies of :func:`to_proto`.
+VALUE_INFO_POLICIES = ("all", "file")
 
 
 def type_proto(dtype: DataType | None, shape: Shape | None) -> onnx.TypeProto:
@@ -313,8 +333,8 @@ def full_tensor_proto(tensor: Tensor, name: str) -> onnx.TensorProto:
 
 
 def to_proto(model: Model, external: ExternalWriter | None = None,
-             deferred: dict[str, Tensor] | None = None, sparse_initializers: bool = False
-             ) -> onnx.ModelProto:
+             deferred: dict[str, Tensor] | None = None, sparse_initializers: bool = False,
+             value_info: str = "all") -> onnx.ModelProto:
     """Build the ModelProto of a model.
 
     Args:
@@ -328,8 +348,13 @@ def to_proto(model: Model, external: ExternalWriter | None = None,
             whose ONNX sparse form (values + int64 indices) is smaller than its dense bytes
             as a ``sparse_initializer`` (the model's IR version is raised to 6 if needed);
             otherwise every CSR-packed weight is written dense.
+        value_info: which intermediate values get a ``value_info`` entry: ``all`` (every
+            value whose type is known; what shape inference and the checker are given) or
+            ``file`` (what the loaded file had, plus types ONNX inference cannot recover:
+            outputs of custom-domain operators; what :func:`~edgeopt.ir.save` writes).
+            Graph inputs and outputs always have theirs.
     """
-    exp = _Exporter(model, external, deferred, sparse_initializers)
+    exp = _Exporter(model, external, deferred, sparse_initializers, value_info)
     proto = _set(onnx.ModelProto(), ir_version=model.ir_version,
                  producer_name=model.producer_name, producer_version=model.producer_version,
                  domain=model.domain, model_version=model.model_version,

@@ -325,7 +325,8 @@ def _hard_link(path: str, link: str) -> str | None:
 
 
 def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = None,
-         size_threshold: int = 1024, sparse_initializers: bool = False) -> None:
+         size_threshold: int = 1024, sparse_initializers: bool = False,
+         value_info: str = "file") -> None:
     """Write a model to an ONNX file, atomically.
 
     Args:
@@ -338,6 +339,10 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
         size_threshold: smallest tensor (bytes) that goes external.
         sparse_initializers: write CSR-packed weights as ONNX ``sparse_initializer``
             where that is smaller (see :func:`~edgeopt.ir.to_proto`).
+        value_info: ``file`` (default) writes the value_info entries the loaded file had,
+            plus the types ONNX shape inference cannot recover (custom-domain outputs);
+            ``all`` also writes every type a pass or shape inference found (see
+            :func:`~edgeopt.ir.to_proto`).
 
     Raises:
         EdgeoptError: the destination is the model's own source (or one of its external
@@ -359,12 +364,14 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             with txn.open(data_path) as data_file:
                 writer = ExternalWriter(data_file.write, os.path.basename(data_path),
                                         size_threshold)
-                proto = to_proto(model, writer, sparse_initializers=sparse_initializers)
+                proto = to_proto(model, writer, sparse_initializers=sparse_initializers,
+                                 value_info=value_info)
             if writer.offset == 0:
                 txn.discard(data_path)  # nothing went external: no empty data file
         else:
             deferred = {}  # large inline weights are serialized one at a time while writing
-            proto = to_proto(model, deferred=deferred, sparse_initializers=sparse_initializers)
+            proto = to_proto(model, deferred=deferred, sparse_initializers=sparse_initializers,
+                             value_info=value_info)
         _write_proto(proto, path, txn, deferred if not external_data else None)
         txn.commit()  # data first, then the model that points at it
     except OSError as e:

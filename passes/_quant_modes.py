@@ -145,20 +145,20 @@ def _dequantizer(model: Model, names: NameGen, w: _Weight, qp: QuantParams, q: n
     """
     graph = model.graph
     base = w.value.name
-    q_t, s_t, z_t = as_tensor(q), as_tensor(qp.scale), as_tensor(qp.zero_point)
-    wq = add_constant(graph, names, f"{base}_quantized", q_t)
-    out = _new(names, f"{base}_dequantized", DataType.FLOAT, q.shape)
+    q_t, s_t = as_tensor(q), as_tensor(qp.scale)
+    wq = add_constant(graph, names, f"{base}_q", q_t)
+    out = _new(names, f"{base}_dq", DataType.FLOAT, q.shape)
     if form == "qdq" and (qp.axis is None or default_opset(model) >= PER_AXIS_DQ_OPSET):
+        # The zero point (0: the weights are symmetric) is left out: it defaults to 0 of
+        # the int8 input's type.
         attrs = {} if qp.axis is None else {"axis": qp.axis}
-        scale = add_constant(graph, names, f"{base}_scale", s_t)
-        zp = add_constant(graph, names, f"{base}_zero_point", z_t)
-        return [Node("DequantizeLinear", [wq, scale, zp], attrs, outputs=[out],
-                     name=out.name)], [q_t, s_t, z_t]
+        scale = add_constant(graph, names, f"{base}_s", s_t)
+        return [Node("DequantizeLinear", [wq, scale], attrs, outputs=[out])], [q_t, s_t]
     s_t = as_tensor(qp.broadcast(q.ndim)[0])
-    scale = add_constant(graph, names, f"{base}_scale", s_t)
-    cast = _new(names, f"{base}_cast", DataType.FLOAT, q.shape)
-    return [Node("Cast", [wq], {"to": int(DataType.FLOAT)}, outputs=[cast], name=cast.name),
-            Node("Mul", [cast, scale], outputs=[out], name=out.name)], [q_t, s_t]
+    scale = add_constant(graph, names, f"{base}_s", s_t)
+    cast = _new(names, f"{base}_f", DataType.FLOAT, q.shape)
+    return [Node("Cast", [wq], {"to": int(DataType.FLOAT)}, outputs=[cast]),
+            Node("Mul", [cast, scale], outputs=[out])], [q_t, s_t]
 
 
 def quantize_weights(model: Model, *, per_channel: bool = True, skip: Skip = _keep_all,
@@ -252,8 +252,8 @@ def _int_weight(model: Model, names: NameGen, w: _Weight, per_channel: bool) -> 
         scale = scale.reshape(-1, *(1,) * (arr.ndim - 2)) if per_channel else scale
     tensors = [as_tensor(quantize(arr, qp)), as_tensor(zp), as_tensor(scale)]
     base = w.value.name
-    return _IntWeight(add_constant(model.graph, names, f"{base}_quantized", tensors[0]),
-                      add_constant(model.graph, names, f"{base}_zero_point", tensors[1]),
+    return _IntWeight(add_constant(model.graph, names, f"{base}_q", tensors[0]),
+                      add_constant(model.graph, names, f"{base}_zp", tensors[1]),
                       scale, tensors, base)
 
 
@@ -276,7 +276,7 @@ def _bias(node: Node, model: Model, names: NameGen) -> tuple[Value | None, list[
         return add_constant(graph, names, f"{c.name}_beta", as_tensor(arr)), []
     k = add_constant(graph, names, f"{c.name}_beta", as_tensor(np.float32(beta)))
     out = _new(names, f"{c.name}_scaled", DataType.FLOAT, c.shape)
-    return out, [Node("Mul", [c, k], outputs=[out], name=out.name)]
+    return out, [Node("Mul", [c, k], outputs=[out])]
 
 
 def _dynamic_ok(node: Node, model: Model) -> bool:
@@ -291,7 +291,7 @@ def _weight_scale(node: Node, iw: _IntWeight, model: Model, names: NameGen) -> V
     alpha = float(node.attr("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
     if alpha not in iw.scales:
         arr = (iw.scale.astype(np.float64) * alpha).astype(np.float32)
-        iw.scales[alpha] = add_constant(model.graph, names, f"{iw.base}_scale", as_tensor(arr))
+        iw.scales[alpha] = add_constant(model.graph, names, f"{iw.base}_s", as_tensor(arr))
     return iw.scales[alpha]
 
 
@@ -299,28 +299,27 @@ def _dynamic_node(node: Node, iw: _IntWeight, model: Model, names: NameGen) -> N
     """Replace one reader by DynamicQuantizeLinear + integer kernel + Cast, Mul (+ Add)."""
     x, y = node.inputs[0], node.outputs[0]
     base = node.name or y.name
-    xq = _new(names, f"{base}_input_quantized", DataType.UINT8, x.shape if x else None)
-    xs = _new(names, f"{base}_input_scale", DataType.FLOAT, ())
-    xz = _new(names, f"{base}_input_zero_point", DataType.UINT8, ())
-    acc = _new(names, f"{base}_int32", DataType.INT32)
-    accf = _new(names, f"{base}_int32_float", DataType.FLOAT)
-    scale = _new(names, f"{base}_scale", DataType.FLOAT)
-    out = _new(names, f"{base}_scaled", DataType.FLOAT, y.shape)
+    xq = _new(names, f"{base}_xq", DataType.UINT8, x.shape if x else None)
+    xs = _new(names, f"{base}_xs", DataType.FLOAT, ())
+    xz = _new(names, f"{base}_xzp", DataType.UINT8, ())
+    acc = _new(names, f"{base}_acc", DataType.INT32)
+    accf = _new(names, f"{base}_accf", DataType.FLOAT)
+    scale = _new(names, f"{base}_s", DataType.FLOAT)
+    out = _new(names, f"{base}_y", DataType.FLOAT, y.shape)
     conv = node.op_type == "Conv"
     attrs = [replace(a) for a in node.attrs.values()] if conv else []
     nodes = [
-        Node("DynamicQuantizeLinear", [x], outputs=[xq, xs, xz], name=xq.name),
+        Node("DynamicQuantizeLinear", [x], outputs=[xq, xs, xz]),
         Node("ConvInteger" if conv else "MatMulInteger", [xq, iw.q, xz, iw.zero_point], attrs,
-             outputs=[acc], name=acc.name),
-        Node("Cast", [acc], {"to": int(DataType.FLOAT)}, outputs=[accf], name=accf.name),
-        Node("Mul", [xs, _weight_scale(node, iw, model, names)], outputs=[scale],
-             name=scale.name),
-        Node("Mul", [accf, scale], outputs=[out], name=out.name),
+             outputs=[acc]),
+        Node("Cast", [acc], {"to": int(DataType.FLOAT)}, outputs=[accf]),
+        Node("Mul", [xs, _weight_scale(node, iw, model, names)], outputs=[scale]),
+        Node("Mul", [accf, scale], outputs=[out]),
     ]
     bias, bias_nodes = _bias(node, model, names)
     if bias is not None:
-        biased = _new(names, f"{base}_biased", DataType.FLOAT, y.shape)
-        nodes += [*bias_nodes, Node("Add", [out, bias], outputs=[biased], name=biased.name)]
+        biased = _new(names, f"{base}_yb", DataType.FLOAT, y.shape)
+        nodes += [*bias_nodes, Node("Add", [out, bias], outputs=[biased])]
     model.graph.insert_before(node, nodes)
     substitute(node, [(y, nodes[-1].outputs[0])])
 
@@ -421,7 +420,7 @@ def convert_fp16(model: Model, *, skip: Skip = _keep_all) -> dict[str, int]:
         half = as_tensor(arr.astype(np.float16))
         out = _new(names, f"{value.name}_float32", DataType.FLOAT, t.shape)
         src = add_constant(graph, names, f"{value.name}_fp16", half)
-        cast = Node("Cast", [src], {"to": int(DataType.FLOAT)}, outputs=[out], name=out.name)
+        cast = Node("Cast", [src], {"to": int(DataType.FLOAT)}, outputs=[out])
         graph.insert_before(earliest(u.node for u in value.uses()), cast)
         _retire(value, out)
         stats.add(_Weight(value, t), [half])

@@ -21,6 +21,7 @@ import numpy as np
 from edgeopt.ir import Attr, DataType, Graph, Model, Node, QuantParams, Value
 from edgeopt.ir.quant import params_from_range, quantize, weight_params
 
+from ._quant_consts import Constants
 from ._quant_plan import RULES, QuantPlan, node_label, weight_axis
 from ._util import NameGen, add_constant, as_tensor, constant_tensor, earliest
 
@@ -38,43 +39,37 @@ class _Rewrite:
     model: Model
     names: NameGen
     per_channel: bool
+    consts: Constants
     stats: dict[str, int] = field(default_factory=lambda: {
         "tensors_quantized": 0, "weights_quantized": 0, "biases_quantized": 0,
         "activations_fused": 0, "weight_bytes_before": 0, "weight_bytes_after": 0})
     _weights: dict[tuple[int, int | None], tuple[Value, QuantParams]] = field(
         default_factory=dict)
-    _zero_points: dict[tuple[DataType, int], Value] = field(default_factory=dict)
 
-    def dq(self, base: str, q: np.ndarray, qp: QuantParams, anchor: Node | None) -> Value:
-        """``DequantizeLinear`` of the constant ``q``, placed before ``anchor``."""
-        qv = add_constant(self.model.graph, self.names, f"{base}_quantized", as_tensor(q))
-        return self._dq_node(qv, qp, base, anchor)
+    def dq(self, base: str, q: Value, qp: QuantParams, anchor: Node | None,
+           implicit_zero: bool = True) -> Value:
+        """A DequantizeLinear of the constant ``q``, placed before ``anchor``.
 
-    def _dq_node(self, x: Value, qp: QuantParams, base: str, anchor: Node | None) -> Value:
-        """A DequantizeLinear of ``x``; an int32 zero point of 0 is left implicit.
-
-        (ONNX Runtime's Gemm fusion wants the int8 weights' zero point spelled out.)
+        A zero point of zeros is left out (it defaults to 0 of ``q``'s type) when
+        ``implicit_zero``, or always for int32. Exceptions, where ONNX Runtime needs it
+        spelled out: activations (its Q/DQ pair checks want all three inputs) and Gemm
+        weights (its QGemm fusion reads the weight's zero point).
         """
         graph = self.model.graph
-        s = add_constant(graph, self.names, f"{base}_scale", as_tensor(qp.scale))
-        z = None if not qp.zero_point.any() and qp.dtype == DataType.INT32 else \
-            self.zero_point(qp) if qp.axis is None else \
-            add_constant(graph, self.names, f"{base}_zero_point", as_tensor(qp.zero_point))
+        s = self.consts.add(f"{base}_s", qp.scale)
+        implicit = not qp.zero_point.any() and (implicit_zero or qp.dtype == DataType.INT32)
+        z = None if implicit else self.consts.zero_point(qp.zero_point) if qp.axis is None \
+            else self.consts.add(f"{base}_zp", qp.zero_point)
         attrs = [] if qp.axis is None else [Attr.infer("axis", qp.axis)]
-        out = Value(self.names.fresh(f"{base}_dequantized"), DataType.FLOAT)
-        node = Node("DequantizeLinear", (x, s) if z is None else (x, s, z), attrs, outputs=(out,),
+        out = Value(self.names.fresh(f"{base}_dq"), DataType.FLOAT)
+        node = Node("DequantizeLinear", (q, s) if z is None else (q, s, z), attrs, outputs=(out,),
                     name="")
         _place(graph, node, anchor)
         return out
 
-    def zero_point(self, qp: QuantParams) -> Value:
-        """A scalar zero point: one initializer per type and value, shared by every tensor."""
-        key = (qp.dtype, int(qp.zero_point))
-        if key not in self._zero_points:
-            self._zero_points[key] = add_constant(
-                self.model.graph, self.names, f"zero_point_{qp.dtype.name.lower()}_{key[1]}",
-                as_tensor(qp.zero_point))
-        return self._zero_points[key]
+    def stored(self, base: str, q: np.ndarray) -> Value:
+        """A new initializer (never shared: bias correction rewrites biases in place)."""
+        return add_constant(self.model.graph, self.names, f"{base}_q", as_tensor(q))
 
     # -- activations ---------------------------------------------------------------------------
     def activation(self, value: Value, qp: QuantParams) -> tuple[Node, Node]:
@@ -82,10 +77,10 @@ class _Rewrite:
         graph = self.model.graph
         uses = list(value.uses())
         base = value.name
-        s = add_constant(graph, self.names, f"{base}_scale", as_tensor(qp.scale))
-        z = self.zero_point(qp)
-        qv = Value(self.names.fresh(f"{base}_quantized"), qp.dtype)
-        out = Value(self.names.fresh(f"{base}_dequantized"), DataType.FLOAT)
+        s = self.consts.add(f"{base}_s", qp.scale)
+        z = self.consts.zero_point(qp.zero_point)
+        qv = Value(self.names.fresh(f"{base}_q"), qp.dtype)
+        out = Value(self.names.fresh(f"{base}_dq"), DataType.FLOAT)
         q = Node("QuantizeLinear", (value, s, z), outputs=(qv,))
         d = Node("DequantizeLinear", (qv, s, z), outputs=(out,))
         producer = value.producer()
@@ -112,8 +107,9 @@ class _Rewrite:
         key = (id(value), axis)
         if key not in self._weights:
             qp = weight_params(w, axis)
-            out = self.dq(value.name, quantize(w, qp), qp, earliest(u.node for u in value.uses()
-                                                                  if u.node.graph is node.graph))
+            readers = [u.node for u in value.uses() if u.node.graph is node.graph]
+            out = self.dq(value.name, self.stored(value.name, quantize(w, qp)), qp,
+                          earliest(readers), all(n.op_type != "Gemm" for n in readers))
             out.producer().meta[FLOAT_WEIGHT] = t  # type: ignore[union-attr]
             self._weights[key] = (out, qp)
             self.stats["weights_quantized"] += 1
@@ -138,7 +134,8 @@ class _Rewrite:
         scale = np.broadcast_to((x_scale.astype(np.float32) * w.scale).astype(np.float32),
                                 b.shape)
         qp = QuantParams(scale, np.zeros(len(b), np.int32), DataType.INT32, 0)
-        node.set_input(index, self.dq(value.name, quantize(b, qp), qp, node))
+        node.set_input(index, self.dq(value.name, self.stored(value.name, quantize(b, qp)), qp,
+                                      node))
         self.stats["biases_quantized"] += 1
 
     def constant(self, node: Node, value: Value, dtype: DataType) -> None:
@@ -146,7 +143,8 @@ class _Rewrite:
         assert t is not None
         c = np.asarray(t.numpy(), np.float32)
         qp = params_from_range(float(c.min(initial=0)), float(c.max(initial=0)), dtype)
-        out = self.dq(value.name, quantize(c, qp), qp, node)
+        q = self.consts.add(f"{value.name}_q", quantize(c, qp))
+        out = self.dq(value.name, q, qp, node, implicit_zero=False)
         for i, v in enumerate(node.inputs):
             if v is value:
                 node.set_input(i, out)
@@ -179,7 +177,8 @@ def apply_qdq(model: Model, plan: QuantPlan, params: dict[str, QuantParams],
     Returns:
         Counters for the pass report.
     """
-    rw = _Rewrite(model, NameGen(model), per_channel)
+    names = NameGen(model)
+    rw = _Rewrite(model, names, per_channel, Constants(model.graph, names))
     act_dtype = next(iter(params.values())).dtype if params else DataType.INT8
     for node in plan.nodes:
         rule = RULES[node.op_type]

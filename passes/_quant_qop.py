@@ -28,8 +28,9 @@ import numpy as np
 from edgeopt.ir import Attr, DataType, Model, Node, QuantParams, Value, quant_params
 from edgeopt.ir.quant import quantize
 
+from ._quant_consts import Constants
 from ._quant_plan import clip_bounds
-from ._util import NameGen, add_constant, as_tensor, constant_tensor, default_opset, substitute
+from ._util import NameGen, constant_tensor, default_opset, substitute
 from .dce import remove_unused_initializers
 
 __all__ = ["MS_DOMAIN", "lower_to_qoperator"]
@@ -108,19 +109,28 @@ class _Emit:
         self.nodes.append(node)
         return list(node.outputs)
 
-    def zero_point(self, qt: _QT) -> Value:
-        """``qt``'s zero point as a value (a new constant where the Q/DQ omitted it)."""
-        if qt.zero_point is not None:
-            return qt.zero_point
-        return self.const(f"{qt.value.name}_zero_point", qt.params.zero_point)
+    def zero_point(self, qt: _QT, scalar: bool = True) -> Value:
+        """``qt``'s zero point as a value, made where the Q/DQ left it out.
 
-    def triple(self, qt: _QT) -> list[Value]:
+        With ``scalar``, per-channel zero points that are all one value (what
+        :func:`_weight` accepts) become one shared scalar, which QLinearConv and
+        QLinearMatMul take beside per-channel scales; QGemm wants one per scale.
+        """
+        zp = qt.params.zero_point
+        one = zp.size == 1 or len(np.unique(zp)) == 1
+        if qt.zero_point is not None and (zp.size == 1 or not (scalar and one)):
+            return qt.zero_point
+        if scalar and one:
+            return self.cx.consts.zero_point(zp.ravel()[:1].reshape(()))
+        return self.const(f"{qt.value.name}_zp", zp)
+
+    def triple(self, qt: _QT, scalar: bool = True) -> list[Value]:
         """``[value, scale, zero_point]``, the order QLinear operators read."""
-        return [qt.value, qt.scale, self.zero_point(qt)]
+        return [qt.value, qt.scale, self.zero_point(qt, scalar)]
 
     def const(self, base: str, array: np.ndarray) -> Value:
-        """A new initializer holding ``array``."""
-        return add_constant(self.cx.graph, self.cx.names, base, as_tensor(array))
+        """An initializer holding ``array`` (a scalar one may be shared)."""
+        return self.cx.consts.add(base, array)
 
 
 class _Cx:
@@ -130,6 +140,7 @@ class _Cx:
         self.model = model
         self.graph = model.graph
         self.names = NameGen(model)
+        self.consts = Constants(self.graph, self.names)
         self.opset = default_opset(model)
         self.stats: Counter[str] = Counter(dict.fromkeys(_STATS, 0))
 
@@ -247,7 +258,7 @@ def _gemm(e: _Emit, isl: _Island) -> list[Value] | None:
         bias = _bias(e, isl.ins[2], want, n, factor=beta)
         if bias is None:
             return None
-    ins = [*e.triple(a), *e.triple(b), bias, y.scale, e.zero_point(y)]
+    ins = [*e.triple(a), *e.triple(b, scalar=False), bias, y.scale, e.zero_point(y)]
     return e.node("QGemm", ins, _attrs(node, drop=("beta",)), MS_DOMAIN)
 
 
@@ -520,7 +531,6 @@ def _activations_to_uint8(cx: _Cx) -> None:
     move by 128 too), weights stay int8, and the integer kernels run u8s8, which ONNX
     Runtime's x86 kernels run several times faster than s8s8.
     """
-    zero_points: dict[int, Value] = {}
     for q in cx.graph:
         x, out = q.inputs[0] if q.inputs else None, q.outputs[0]
         if not _is_op(q, "QuantizeLinear") or x is None or len(x.uses()) != 1 \
@@ -534,14 +544,12 @@ def _activations_to_uint8(cx: _Cx) -> None:
         if not all(r is not None and r.value is out and _same(r.params, qt.params)
                    for r in readers):
             continue
-        zp = int(qt.params.zero_point.ravel()[0]) + 128
-        if zp not in zero_points:
-            zero_points[zp] = add_constant(cx.graph, cx.names, f"zero_point_u8_{zp}",
-                                           as_tensor(np.array(zp, np.uint8)))
+        zp = cx.consts.zero_point(np.array(int(qt.params.zero_point.ravel()[0]) + 128,
+                                           np.uint8))
         nodes = (q, *(u.node for u in out.uses()))
         old = [(*n.inputs, None)[2] for n in nodes]
         for n in nodes:
-            n.set_inputs([*n.inputs[:2], zero_points[zp]])
+            n.set_inputs([*n.inputs[:2], zp])
         remove_unused_initializers(cx.graph, cx.model, old)
         out.dtype = DataType.UINT8
         cx.stats["activations_to_uint8"] += 1

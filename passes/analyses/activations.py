@@ -66,9 +66,13 @@ from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError, Model
 
 from ..calib import CalibrationData, CalibrationError
-from .value_stats import ValueStats, _Accumulator, _Extremes, _stride
+from .value_stats import ValueStats, Window, _Accumulator, _Extremes, _stride, tap_sums
 
-__all__ = ["Activations", "ValueStats", "run_session"]
+__all__ = ["Activations", "ValueStats", "Window", "run_session"]
+
+#: What the graph computes for :attr:`Activations.tap_means`: per value, each window with
+#: its tap matrices (:meth:`Window.matrices`) and output positions.
+_Taps = Mapping[str, Sequence[tuple[Window, list[np.ndarray], int]]]
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +123,16 @@ class _OrtModel:
         return self._load(full=False)
 
     def light_session(self, names: Sequence[str], strides: Mapping[str, int],
-                      ranks: Mapping[str, int]) -> tuple[Any, dict[str, dict[str, str]]]:
+                      ranks: Mapping[str, int], taps: _Taps | None = None
+                      ) -> tuple[Any, dict[str, dict[str, str]]]:
         """A session computing light statistics of ``names`` (see the module docs).
 
         ``strides``: the stride of each value's histogram sample (1: the whole value; no
         sample for a value missing from it). ``ranks``: the rank of each value whose
-        per-channel means (over every axis but 1) are wanted. Returns the session and, per
-        value, the output holding each :meth:`_Extremes.update` argument.
+        per-channel means (over every axis but 1) are wanted. ``taps``: per value, windows
+        whose tap sums (:func:`tap_sums`) are computed: ``MatMul`` nodes with the tap
+        matrices, then a ``ReduceSum`` over axis 0 (role ``tap<i>``). Returns the session
+        and, per value, the output holding each :meth:`_Extremes.update` argument or tap sum.
         """
         from onnx import helper, numpy_helper
 
@@ -166,10 +173,30 @@ class _OrtModel:
                     node("ReduceMean", [name, c + axes], out + "mean", keepdims=0) \
                     if self.opset >= 18 else \
                     node("ReduceMean", [name], out + "mean", keepdims=0, axes=consts[axes])
+            for j, (_, mats, _) in enumerate((taps or {}).get(name, ())):
+                roles[f"tap{j}"] = self._tap_nodes(name, mats, f"{out}tap{j}.", node)
         listed = {o.name for o in self._outputs}
         graph.output.extend(helper.make_empty_tensor_value_info(o) for roles in outputs.values()
                             for o in roles.values() if o not in listed)
         return self._load(full=True), outputs
+
+    def _tap_nodes(self, name: str, mats: Sequence[np.ndarray], out: str, node: Any) -> str:
+        """``x @ W.T`` (last spatial axis), ``H @ .`` (the one before), ``ReduceSum`` axis 0.
+
+        ``mats``: one or two tap matrices, in the value's float type.
+        """
+        from onnx import numpy_helper
+
+        init = self.proto.graph.initializer
+        init.append(numpy_helper.from_array(np.ascontiguousarray(mats[-1].T), out + "w"))
+        t = node("MatMul", [name, out + "w"], out + "tw")
+        if len(mats) == 2:
+            init.append(numpy_helper.from_array(mats[0], out + "h"))
+            t = node("MatMul", [out + "h", t], out + "th")
+        if self.opset >= 13:
+            init.append(numpy_helper.from_array(np.array([0], np.int64), out + "axes"))
+            return node("ReduceSum", [t, out + "axes"], out + "sum", keepdims=0)
+        return node("ReduceSum", [t], out + "sum", keepdims=0, axes=[0])
 
     def _load(self, full: bool) -> Any:
         """An ONNX Runtime session of the graph as it is now (``full``: all optimizations)."""
@@ -303,7 +330,12 @@ class Activations:
         batch_size: samples per run (a static batch dim in the model overrides it).
         max_bytes: bound on the bytes of exposed outputs fetched by one run.
         bins: histogram bins (even).
-        channels: compute the per-channel statistics (``channel_*``; None when False).
+        channels: compute the per-channel statistics (``channel_*``; None when False): True
+            for every value, or a tuple of the names of the values that need them.
+        channel_samples: per-channel statistics over the first calibration samples only, in
+            whole runs (at least one); None: all. :attr:`channel_samples` says how many.
+        taps: ``(value, Window)`` pairs whose :attr:`tap_means` are wanted (light statistics
+            only; over the ``channel_samples``; values of 1 or 2 spatial axes).
         hist_limit: histogram at most this many elements of a value per run, an even stride
             through it (min, max, mean and counts still see every element); None: all;
             0: no histogram at all (``hist`` and ``hist_edges`` raise ValueError).
@@ -317,6 +349,12 @@ class Activations:
         groups: the value groups, one pass over the data each.
         runs: ONNX Runtime runs made so far (including those of :meth:`samples`).
         peak_bytes: most output bytes fetched by one run.
+        channel_samples: the calibration samples the per-channel statistics cover.
+        tap_means: ``(value, Window)`` -> ``[C, *kernel]``: per channel and kernel tap, the
+            mean over samples and output positions of the element the tap reads (0 where it
+            reads padding; :meth:`Window.of_conv`), so a Conv's mean output is exactly
+            ``sum(W * tap_means) + b``. Left out for values of unknown size or with
+            non-finite elements.
 
     Raises:
         ValueError: bad parameters.
@@ -329,14 +367,19 @@ class Activations:
 
     def __init__(self, model: Model, ctx: Any, values: Iterable[str] | None = None,
                  batch_size: int = 8, max_bytes: int = 512 << 20, bins: int = 2048,
-                 channels: bool = True, hist_limit: int | None = None,
-                 moments: bool = True) -> None:
+                 channels: bool | tuple[str, ...] = True, hist_limit: int | None = None,
+                 moments: bool = True, channel_samples: int | None = None,
+                 taps: tuple[tuple[str, Window], ...] = ()) -> None:
         if bins < 2 or bins % 2:
             raise ValueError(f"bins must be an even number >= 2, not {bins}")
         if batch_size < 1 or max_bytes < 1:
             raise ValueError("batch_size and max_bytes must be positive")
         if hist_limit is not None and hist_limit < 0:
             raise ValueError(f"hist_limit must be >= 0 or None, not {hist_limit}")
+        if channel_samples is not None and channel_samples < 1:
+            raise ValueError(f"channel_samples must be >= 1 or None, not {channel_samples}")
+        if taps and moments:
+            raise ValueError("taps need light statistics (moments=False)")
         self.moments = moments
         self._model, self._version = model, model.version
         self._calib = _require_calib(ctx, model)
@@ -347,9 +390,20 @@ class Activations:
         self._dtypes = self._candidates(model, info)
         self._per_sample = self._sizes(info)
         self.values = self._select(values)
+        if not isinstance(channels, bool):
+            for name in channels:
+                self._check_known(name)
+        self._channel_limit = channel_samples
+        self.channel_samples = 0
+        for name, _ in taps:
+            self._check_known(name)
+        self._taps = tuple(dict.fromkeys(taps))
+        self._tap_sums: dict[tuple[str, Window], list[Any]] = {}
         self.runs = self.peak_bytes = 0
         self.groups: list[list[str]] = []
         self.stats: dict[str, ValueStats] = self._collect()
+        self.tap_means = {k: total / count for k, (total, count) in self._tap_sums.items()
+                          if total is not None and count}
 
     # -- setup --------------------------------------------------------------------------------
     @staticmethod
@@ -391,6 +445,20 @@ class Activations:
         if name not in self._dtypes:
             raise EdgeoptError(f"Activations: no activation named {name!r} in the main graph")
 
+    def _wants_channels(self, name: str) -> bool:
+        return self.channels if isinstance(self.channels, bool) else name in self.channels
+
+    def _channel_runs(self, batch: int) -> int:
+        """Leading runs of ``batch`` whose per-channel statistics count (``channel_samples``)."""
+        total = self._calib.num_samples
+        per_run = self._calib.samples_per_run(batch)
+        if self._channel_limit is None or self._channel_limit >= total:
+            self.channel_samples = total
+            return math.ceil(total / per_run)  # every run, the last one maybe partial
+        runs = max(1, self._channel_limit // per_run)
+        self.channel_samples = min(total, runs * per_run)
+        return runs
+
     # -- running ------------------------------------------------------------------------------
     def _collect(self) -> dict[str, ValueStats]:
         if self.moments:
@@ -404,15 +472,17 @@ class Activations:
 
     def _collect_full(self, names: Sequence[str]) -> dict[str, ValueStats]:
         calib = self._calib
-        accs = {n: _Accumulator(n, self.bins, self.channels, self.hist_limit) for n in names}
+        accs = {n: _Accumulator(n, self.bins, self._wants_channels(n), self.hist_limit)
+                for n in names}
         fed = [n for n in names if n in calib.arrays]  # graph inputs: no run needed
         exposed = [n for n in names if n not in calib.arrays]
         batch, groups = _plan(exposed, self._per_sample, self.max_bytes, self.batch_size,
                               calib.fixed_batch)
         self.groups += groups
-        for feeds in calib.batches(batch):
+        head = self._channel_runs(batch)
+        for i, feeds in enumerate(calib.batches(batch)):
             for name in fed:
-                accs[name].update(feeds[name])
+                accs[name].update(feeds[name], channels=i < head)
         runs_per_group = math.ceil(calib.num_samples / calib.samples_per_run(batch))
         total, done = len(groups) * runs_per_group, 0
         with contextlib.ExitStack() as stack:
@@ -420,9 +490,9 @@ class Activations:
                 if groups else None  # graph inputs alone need no export
             for group in groups:
                 session = exported.session(group, self._dtypes)  # type: ignore[union-attr]
-                for feeds in calib.batches(batch):
+                for i, feeds in enumerate(calib.batches(batch)):
                     for name, arr in zip(group, self._run(session, group, feeds), strict=True):
-                        accs[name].update(arr)
+                        accs[name].update(arr, channels=i < head)
                     done += 1
                     self._progress("activations", done, total)
         log.info("Activations: %d values over %d samples in %d group(s), %d runs",
@@ -432,7 +502,8 @@ class Activations:
     def _collect_light(self, names: Sequence[str]) -> tuple[dict[str, ValueStats], list[str]]:
         """Light statistics of ``names``, and the values with non-finite elements."""
         calib = self._calib
-        accs = {n: _Extremes(n, self.bins, self.hist_limit, self.channels) for n in names}
+        accs = {n: _Extremes(n, self.bins, self.hist_limit, self._wants_channels(n))
+                for n in names}
         bad: set[str] = set()
         fed = [n for n in names if n in calib.arrays]
         exposed = [n for n in names if n not in calib.arrays]
@@ -440,10 +511,14 @@ class Activations:
                               self.max_bytes, self.batch_size, calib.fixed_batch)
         self.groups += groups
         strides, ranks = self._light_outputs(exposed, batch)
-        for feeds in calib.batches(batch):
+        taps = self._tap_outputs(names, batch)
+        head = self._channel_runs(batch)
+        for i, feeds in enumerate(calib.batches(batch)):
             for name in fed:
-                if name not in bad and not accs[name].update_array(feeds[name]):
+                if name not in bad and not accs[name].update_array(feeds[name], i < head):
                     bad.add(name)
+                for j, (_, mats, _) in enumerate(taps.get(name, ()) if i < head else ()):
+                    self._add_taps(name, taps, j, tap_sums(feeds[name], mats), feeds[name].shape)
         runs_per_group = math.ceil(calib.num_samples / calib.samples_per_run(batch))
         total, done = len(groups) * runs_per_group, 0
         with contextlib.ExitStack() as stack:
@@ -451,13 +526,19 @@ class Activations:
                 if groups else None
             for group in groups:
                 session, outputs = exported.light_session(  # type: ignore[union-attr]
-                    group, strides, ranks)
-                fetch = [o for name in group for o in outputs[name].values()]
-                for feeds in calib.batches(batch):
+                    group, strides, ranks, taps)
+                for i, feeds in enumerate(calib.batches(batch)):
+                    # Past the head, the channel means and tap sums are not fetched.
+                    roles = {name: [r for r in outputs[name] if i < head or not (
+                        r == "channel_mean" or r.startswith("tap"))] for name in group}
+                    fetch = [outputs[name][r] for name in group for r in roles[name]]
                     got = iter(self._run(session, fetch, feeds))
                     for name in group:
-                        parts = {role: next(got) for role in outputs[name]}
-                        if name not in bad and not accs[name].update(**parts):
+                        parts = {role: next(got) for role in roles[name]}
+                        for j in range(len(taps.get(name, ())) if i < head else 0):
+                            self._add_taps(name, taps, j, parts.pop(f"tap{j}"), parts["shape"])
+                        if name not in bad and not accs[name].update(**parts,
+                                                                      channels=i < head):
                             bad.add(name)
                     done += 1
                     self._progress("activations", done, total)
@@ -478,8 +559,8 @@ class Activations:
         info = self._info if calib.samples_per_run(batch) == calib.samples_per_run(1) else \
             _infer(self._model, calib, batch)
         shapes = {n: info.get(n, (None, None))[1] for n in names}
-        ranks = {n: len(s) for n, s in shapes.items() if s is not None and len(s) >= 2} \
-            if self.channels else {}
+        ranks = {n: len(s) for n, s in shapes.items()
+                 if s is not None and len(s) >= 2 and self._wants_channels(n)}
         if self.hist_limit == 0:
             return {}, ranks
         limit = self.hist_limit
@@ -487,6 +568,37 @@ class Activations:
         strides = {n: _stride(math.prod(s), limit)  # type: ignore[arg-type]
                    if sliced and ir.shape_is_static(s) else 1 for n, s in shapes.items()}
         return strides, ranks
+
+    def _tap_outputs(self, names: Sequence[str], batch: int) -> _Taps:
+        """The windows of :attr:`tap_means` among ``names``, with their tap matrices."""
+        wanted = [(n, w) for n, w in self._taps if n in names]
+        if not wanted:
+            return {}
+        calib = self._calib
+        info = self._info if calib.samples_per_run(batch) == calib.samples_per_run(1) else \
+            _infer(self._model, calib, batch)
+        out: dict[str, list[tuple[Window, list[np.ndarray], int]]] = {}
+        for name, win in wanted:
+            shape, dtype = info.get(name, (None, None))[1], self._dtypes.get(name)
+            if not ir.shape_is_static(shape) or len(shape) - 2 not in (1, 2) or \
+                    len(win.kernel) != len(shape) - 2 or dtype not in FLOAT_TYPES:
+                continue
+            mats, positions = win.matrices(shape[2:])
+            out.setdefault(name, []).append(
+                (win, [m.astype(dtype.numpy()) for m in mats], positions))
+        return out
+
+    def _add_taps(self, name: str, taps: _Taps, j: int, sums: np.ndarray,
+                  shape: Sequence[int]) -> None:
+        """Add one run's tap sums of window ``j`` of ``name`` (NaN or inf: left out)."""
+        win, _, positions = taps[name][j]
+        entry = self._tap_sums.setdefault((name, win), [0.0, 0])
+        sums = np.asarray(sums, np.float64)
+        if entry[0] is None or not np.all(np.isfinite(sums)):
+            entry[0] = None
+            return
+        entry[0] = entry[0] + sums
+        entry[1] += int(shape[0]) * positions
 
     def _light_bytes(self, name: str) -> float:
         """Bytes per sample light statistics fetch of ``name`` (at most; for ``_plan``)."""

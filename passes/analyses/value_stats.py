@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ValueStats"]
+__all__ = ["ValueStats", "Window"]
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,11 @@ class _Accumulator:
         self.channels: list[np.ndarray] | None = None  # sum, |sum|, zeros, count per channel
         self.channels_ok = channels
 
-    def update(self, arr: np.ndarray) -> None:
-        """Add one run's array (float32 stays float32; sums accumulate in float64)."""
+    def update(self, arr: np.ndarray, channels: bool = True) -> None:
+        """Add one run's array (float32 stays float32; sums accumulate in float64).
+
+        ``channels``: count the run in the per-channel statistics too.
+        """
         x = np.asarray(arr)
         if x.dtype.kind != "f":
             x = x.astype(np.float64)
@@ -241,7 +244,7 @@ class _Accumulator:
         mask = None if finite.all() else finite
         vals = x.ravel() if mask is None else x[mask]
         self.nonfinite += x.size - vals.size
-        sums = self._update_channels(x, mask)
+        sums = self._update_channels(x, mask) if channels else None
         if not vals.size:
             return
         if sums is None:  # no channel axis to sum along first
@@ -318,12 +321,14 @@ class _Extremes:
         self.channel_count = 0.0
 
     def update(self, shape: Sequence[int], lo: np.ndarray, hi: np.ndarray,
-               sample: np.ndarray | None = None, channel_mean: np.ndarray | None = None
-               ) -> bool:
+               sample: np.ndarray | None = None, channel_mean: np.ndarray | None = None,
+               channels: bool = True) -> bool:
         """Add one run: its shape, min and max, histogram sample and per-channel means.
 
         A sample with more than ``hist_limit`` elements (the whole value) is strided here as
-        the graph strides. Returns False, adding nothing, if the run has non-finite elements.
+        the graph strides. ``channels``: the run counts in the per-channel means (False: it
+        has none, which then says nothing about the value's channel axis). Returns False,
+        adding nothing, if the run has non-finite elements.
         """
         if self.shape is None:
             self.shape = tuple(int(d) for d in shape)
@@ -342,14 +347,15 @@ class _Extremes:
                 vals = vals.astype(np.float64)
             if math.isnan(float(vals.min())):  # numpy's min passes NaN on
                 return False
-        if self.channels_ok and channel_mean is not None:
+        if channels and self.channels_ok and channel_mean is not None:
             cm = np.asarray(channel_mean, np.float64).reshape(-1)
             if not np.isfinite(cm).all():  # a NaN the reductions skipped
                 return False
         if vals is not None:
             self.hist.add(vals, (mn, mx))  # type: ignore[union-attr]
             self.hist_zeros += int(np.count_nonzero(vals == 0))
-        self._add_channels(cm, shape, n)
+        if channels:
+            self._add_channels(cm, shape, n)
         self.count += n
         self.min, self.max = min(self.min, mn), max(self.max, mx)
         return True
@@ -365,14 +371,17 @@ class _Extremes:
         self.channel_sum = cm * per if self.channel_sum is None else self.channel_sum + cm * per
         self.channel_count += per
 
-    def update_array(self, arr: np.ndarray) -> bool:
-        """Add one run's whole array (a graph input); False: it has non-finite elements."""
+    def update_array(self, arr: np.ndarray, channels: bool = True) -> bool:
+        """Add one run's whole array (a graph input); False: it has non-finite elements.
+
+        ``channels``: as in :meth:`update`.
+        """
         x = np.asarray(arr)
         if not x.size:
-            return self.update(x.shape, np.inf, -np.inf)
+            return self.update(x.shape, np.inf, -np.inf, channels=channels)
         cm = x.mean(axis=(0, *range(2, x.ndim)), dtype=np.float64) \
-            if self.channels_ok and x.ndim >= 2 else None
-        return self.update(x.shape, x.min(), x.max(), x, cm)
+            if channels and self.channels_ok and x.ndim >= 2 else None
+        return self.update(x.shape, x.min(), x.max(), x, cm, channels)
 
     def result(self) -> ValueStats:
         """The finished statistics (moments NaN; of the per-channel ones, the means)."""
@@ -382,6 +391,90 @@ class _Extremes:
         return ValueStats(self.name, self.shape or (), n, 0, self.min if n else nan,
                           self.max if n else nan, nan, nan, nan, ch, None, None,
                           _histogram(self.hist), self.hist_zeros)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a convolution's kernel taps read its input, along the spatial axes.
+
+    With :meth:`tap_means` this gives a Conv's per-channel mean output exactly from its
+    input: ``sum(W[o, c, k] * tap_mean[c, k]) + b[o]``, padding and strides included.
+
+    Attributes:
+        kernel: the kernel size per spatial axis.
+        strides: the strides.
+        dilations: the dilations.
+        pads: ``(begin..., end...)`` as ONNX's ``pads``; ignored unless ``auto_pad`` is
+            ``NOTSET``.
+        auto_pad: ONNX's ``auto_pad``.
+    """
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    auto_pad: str = "NOTSET"
+
+    @classmethod
+    def of_conv(cls, node: object, rank: int) -> Window:
+        """The window of a Conv node whose weight has ``rank`` dims.
+
+        Without ``kernel_shape``, the kernel comes from the weight input's shape.
+        """
+        attr = node.attr  # type: ignore[attr-defined]
+        n = rank - 2
+        kernel = attr("kernel_shape", None) or node.inputs[1].shape[2:]  # type: ignore[attr-defined]
+        return cls(tuple(int(k) for k in kernel), tuple(attr("strides", None) or [1] * n),
+                   tuple(attr("dilations", None) or [1] * n),
+                   tuple(attr("pads", None) or [0] * 2 * n), str(attr("auto_pad", "NOTSET")))
+
+    @property
+    def trivial(self) -> bool:
+        """Every tap reads every input position once: 1 x 1, stride 1, no padding."""
+        return all(k == 1 for k in self.kernel) and all(s == 1 for s in self.strides) and \
+            (self.auto_pad not in ("NOTSET", "") or not any(self.pads))
+
+    def matrices(self, sizes: Sequence[int]) -> tuple[list[np.ndarray], int]:
+        """Per spatial axis, the 0/1 matrix ``[k, size]`` of the positions tap ``k`` reads.
+
+        Returns them and the number of output positions.
+        """
+        mats, outputs = [], 1
+        for i, size in enumerate(sizes):
+            k, s, d = self.kernel[i], self.strides[i], self.dilations[i]
+            begin, end = self._pads(i, size)
+            out = (size + begin + end - d * (k - 1) - 1) // s + 1
+            m = np.zeros((k, size))
+            for j in range(k):
+                pos = np.arange(max(out, 0)) * s + j * d - begin
+                m[j, pos[(pos >= 0) & (pos < size)]] = 1.0
+            mats.append(m)
+            outputs *= max(out, 0)
+        return mats, outputs
+
+    def _pads(self, i: int, size: int) -> tuple[int, int]:
+        n = len(self.kernel)
+        if self.auto_pad in ("NOTSET", ""):
+            return self.pads[i], self.pads[n + i]
+        if self.auto_pad == "VALID":
+            return 0, 0
+        s, k, d = self.strides[i], self.kernel[i], self.dilations[i]
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        low = total - total // 2 if self.auto_pad == "SAME_LOWER" else total // 2
+        return low, total - low
+
+
+def tap_sums(x: np.ndarray, mats: Sequence[np.ndarray]) -> np.ndarray:
+    """Per channel and kernel tap, the sum of the input elements the tap reads: ``[C, *k]``.
+
+    Summed over axis 0 and the output positions (``mats``: :meth:`Window.matrices`); what
+    :class:`~.activations.Activations` computes in the graph with ``MatMul`` nodes.
+    """
+    t = np.asarray(x, np.float64)
+    for m in reversed(mats):  # the last spatial axis first: [..., k_last]
+        t = t @ m.T
+        t = np.moveaxis(t, -1, 2)  # move the new tap axis in front of the spatial axes
+    return t.sum(axis=0)
 
 
 def _histogram(hist: _GrowingHistogram | None) -> tuple[np.ndarray, np.ndarray] | None:

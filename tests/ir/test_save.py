@@ -598,3 +598,62 @@ def test_external_tensors_map_only_their_own_bytes(tmp_path):
         mapped = getattr(mapped, "base", getattr(mapped, "obj", None))
     assert isinstance(mapped, mmap_mod.mmap)
     assert len(mapped) < 4 * 1000 + mmap_mod.ALLOCATIONGRANULARITY
+
+
+# -- value_info policy ----------------------------------------------------------------------------
+def _custom_op_model() -> onnx.ModelProto:
+    """x -> Relu -> r -> com.example.Scale -> s -> Relu -> y; ``r`` annotated in the file."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu0"),
+             helper.make_node("Scale", ["r"], ["s"], name="scale", domain="com.example"),
+             helper.make_node("Relu", ["s"], ["t"], name="relu1"),
+             helper.make_node("Neg", ["t"], ["y"], name="neg")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.example", 1)])
+
+
+def _infos(path: Path) -> dict[str, list]:
+    g = onnx.load(str(path)).graph
+    return {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in g.value_info}
+
+
+def test_save_writes_the_files_value_info_and_what_inference_cannot_recover(tmp_path):
+    """``save`` keeps the file's own entry (``r``), writes the type of a custom operator's
+    output that a pass set (``s``: ONNX inference cannot know it), and leaves out the type of a
+    standard operator's output that only inference found (``t``); ``value_info="all"`` writes
+    that too."""
+    model = ir.from_proto(_custom_op_model())
+    scale = next(n for n in model.graph if n.op_type == "Scale")
+    scale.outputs[0].dtype, scale.outputs[0].shape = ir.DataType.FLOAT, (2, 3)
+    ir.infer_shapes(model)
+    relu1 = next(n for n in model.graph if n.name == "relu1")
+    assert relu1.outputs[0].shape == (2, 3)  # known in the IR ...
+    edgeopt.save(model, tmp_path / "file.onnx")
+    assert _infos(tmp_path / "file.onnx") == {"r": [2, 3], "s": [2, 3]}  # ... not written
+    edgeopt.save(model, tmp_path / "all.onnx", value_info="all")
+    assert _infos(tmp_path / "all.onnx") == {"r": [2, 3], "s": [2, 3], "t": [2, 3]}
+    assert ir.to_proto(model).graph.value_info[-1].name == "t"  # in memory: everything
+    with pytest.raises(ValueError, match="value_info must be one of all, file, got 'some'"):
+        ir.to_proto(model, value_info="some")
+
+
+def test_quantized_model_has_no_value_info_for_its_qdq_values(tmp_path):
+    """The saved QDQ model carries only value_info entries the original file had (this one had
+    none; the opset 9 -> 13 conversion quant runs first must not add any), none for the
+    QuantizeLinear/DequantizeLinear outputs (about 3% of a quantized file), and runs in ORT
+    exactly as the model with them does."""
+    src = Path(ONNX_TEST_DATA) / "light" / "light_squeezenet.onnx"
+    model = edgeopt.load(src)
+    edgeopt.optimize(model, "simplify,quant:int8,bias_correction=false", calib="random")
+    edgeopt.save(model, tmp_path / "q.onnx")
+    edgeopt.save(model, tmp_path / "q_all.onnx", value_info="all")
+    lean, full = onnx.load(str(tmp_path / "q.onnx")), onnx.load(str(tmp_path / "q_all.onnx"))
+    original = {vi.name for vi in onnx.load(str(src)).graph.value_info}
+    qdq = {o for n in lean.graph.node if n.op_type.endswith("quantizeLinear") for o in n.output}
+    assert len(qdq) > 50 and {vi.name for vi in full.graph.value_info} >= qdq
+    assert {vi.name for vi in lean.graph.value_info} <= original  # here: none at all
+    feeds = random_inputs(lean, seed=0)
+    np.testing.assert_array_equal(run_ort(lean, feeds)[0], run_ort(full, feeds)[0])

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import onnx
 import pytest
-from conftest import parse_model
+from conftest import parse_model, run_ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -19,7 +19,7 @@ from edgeopt.passes import Context, PassManager, PassResult, register_pass, unre
 from edgeopt.passes.analyses import Activations, ValueStats
 from edgeopt.passes.analyses.activation_cache import ActivationCache
 from edgeopt.passes.analyses.calibrators import calibrate
-from edgeopt.passes.analyses.value_stats import _GrowingHistogram, _stride
+from edgeopt.passes.analyses.value_stats import Window, _GrowingHistogram, _stride, tap_sums
 from edgeopt.passes.calib import CalibrationData, CalibrationError, load_calibration
 
 SAMPLES = 10
@@ -509,6 +509,76 @@ def test_light_channel_means_and_no_histogram(setup, opset):
         with pytest.raises(ValueError, match=message):
             calibrate(s, method, qmin=0, qmax=255)
     assert calibrate(s, "minmax", qmin=0, qmax=255) == (0.0, s.max)
+
+
+def one_hot_tap_means(x: np.ndarray, win: Window) -> np.ndarray:
+    """Per channel and tap, ONNX Runtime's mean output of a depthwise Conv with ``win``'s
+    geometry whose kernel is 1 at that tap only: the mean of what the tap reads."""
+    c, k = x.shape[1], math.prod(win.kernel)
+    w = np.zeros((c * k, 1, *win.kernel), np.float32)
+    for i in range(c * k):
+        w[i, 0].flat[i % k] = 1.0
+    attrs = {"kernel_shape": list(win.kernel), "strides": list(win.strides),
+             "dilations": list(win.dilations), "group": c}
+    attrs.update({"pads": list(win.pads)} if win.auto_pad == "NOTSET" else
+                 {"auto_pad": win.auto_pad})
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    y = run_ort(proto, {"x": x})[0]
+    return y.mean(axis=(0, *range(2, y.ndim)), dtype=np.float64).reshape(c, *win.kernel)
+
+
+WINDOWS = [Window((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+           Window((5, 5), (2, 1), (1, 1), (2, 2, 2, 2)),
+           Window((3, 3), (2, 2), (2, 1), (0, 1, 2, 0)),
+           Window((1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),
+           Window((3, 2), (2, 3), (1, 1), (0, 0, 0, 0), "SAME_UPPER")]
+
+
+@pytest.mark.parametrize("opset", [12, 13])  # ReduceSum's axes: attribute, then input
+def test_light_tap_means_equal_a_one_hot_convolution_over_the_first_samples(setup, opset):
+    proto, _, calib = setup
+    taps = tuple((name, win) for name in ("x", "r") for win in WINDOWS)
+    acts = analyse(with_opset(proto, opset), calib, batch_size=2, moments=False,
+                   hist_limit=0, channels=("c",), channel_samples=5, taps=taps)
+    assert acts.channel_samples == 4  # whole runs of 2
+    head = calib.arrays["x"][:4]
+    ref = reference(proto, head, ["c", "r"])
+    for name, win in taps:
+        x = head if name == "x" else ref["r"]
+        np.testing.assert_allclose(acts.tap_means[(name, win)], one_hot_tap_means(x, win),
+                                   rtol=1e-5, atol=1e-6)
+    # channel means over the same head, and only for the values asked for
+    np.testing.assert_allclose(acts.stats["c"].channel_mean,
+                               expected_stats(ref["c"])["channel_mean"], rtol=1e-5, atol=1e-6)
+    assert acts.stats["r"].channel_mean is None and acts.stats["c"].count == 10 * 4 * 64
+
+
+def test_window_of_a_conv_and_tap_matrices():
+    model = ir.from_proto(conv_relu_gemm())
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    win = Window.of_conv(conv, 4)
+    assert win == Window((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)) and not win.trivial
+    assert Window((1, 1), (1, 1), (1, 1), (0, 0, 0, 0)).trivial
+    (rows, cols), positions = win.matrices((2, 3))
+    assert positions == 6
+    np.testing.assert_array_equal(rows, [[1, 0], [1, 1], [0, 1]])  # tap 0 reads row -1: pad
+    np.testing.assert_array_equal(cols, [[1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    x = np.random.default_rng(0).standard_normal((3, 2, 2, 3))
+    np.testing.assert_allclose(tap_sums(x, [rows, cols]) / (3 * positions),
+                               one_hot_tap_means(x.astype(np.float32), win), atol=1e-6)
+
+
+def test_taps_need_light_statistics(setup):
+    _, model, calib = setup
+    with pytest.raises(ValueError, match=re.escape("taps need light statistics")):
+        Activations(model, Context(calib=calib), taps=(("r", WINDOWS[0]),))
+    with pytest.raises(ValueError, match=re.escape("channel_samples must be >= 1")):
+        Activations(model, Context(calib=calib), channel_samples=0)
 
 
 def test_light_statistics_without_histogram_limit_count_every_element(setup):

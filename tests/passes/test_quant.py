@@ -107,7 +107,7 @@ def _dequantized_weights(q: ir.Model, names: list[str]) -> dict[str, np.ndarray]
     for node in q.graph:
         if node.op_type != "DequantizeLinear" or node.inputs[0].const_value is None:
             continue
-        base = node.inputs[0].name.removesuffix("_quantized")
+        base = node.inputs[0].name.removesuffix("_q")
         if base in names:
             out[base] = dequantize(node.inputs[0].const_value.numpy(),
                                    ir.quant_params(node.outputs[0]))
@@ -206,7 +206,7 @@ def test_sigmoid_output_has_the_fixed_zero_to_one_range():
 
 @pytest.mark.parametrize("spec, hist_limit", [
     ("quant:int8,calibrator=minmax,bias_correction=false", 0),
-    ("quant:int8,bias_correction=false", 1 << 15),
+    ("quant:int8,bias_correction=false", 4096 * 2),  # per sample, static batch 2
 ])
 def test_calibration_statistics_are_light_and_minmax_ranges_exact(spec, hist_limit,
                                                                   monkeypatch):
@@ -373,6 +373,45 @@ def test_bias_correction_lowers_the_error_on_held_out_digits(name, digits):
     off, _ = _digits_error(name, "quant:int8,bias_correction=false", x)
     assert step.stats["biases_corrected"] > 0
     assert on < off * 0.97, (on, off)
+
+
+def _layer_means(model: ir.Model, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-channel mean output of every Conv and Gemm, run in ONNX Runtime sample by sample
+    (as the static batch-1 test models run), over the samples of ``x``."""
+    names = [n.outputs[0].name for n in model.graph if n.op_type in ("Conv", "Gemm")]
+    proto = ir.to_proto(model)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    runs = [sess.run(names, {"x": x[i:i + 1]}) for i in range(len(x))]
+    return {n: np.mean([r[k].mean(axis=(0, *range(2, r[k].ndim))) for r in runs], axis=0)
+            for k, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2", "cnn"])
+def test_bias_correction_gives_every_layer_the_float_channel_means(name):
+    # Padded and strided 3x3 convs, depthwise ones, a strided 1x1 shortcut, Gemms: the float
+    # means come from tap means (no float rerun) and must be exact for every window.
+    float_model = ir.from_proto(NETS[name]())
+    calib = calib_for(float_model, n=32)
+    PassManager("fold-bn").run(float_model, Context())  # as quant does first
+    head = calib.arrays["x"][:16]  # bias correction's samples
+    want = _layer_means(float_model, head)
+    errors = {}
+    for spec in ("quant:int8", "quant:int8,bias_correction=false"):
+        model = ir.from_proto(NETS[name]())
+        step = quantize_model(model, spec, calib)
+        got = _layer_means(model, head)
+        assert got.keys() == want.keys()
+        errors[spec] = max(float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max())
+                           for k in want)
+    assert step.stats.get("biases_corrected") is None
+    layers = sum(n.op_type in ("Conv", "Gemm") for n in model.graph)
+    assert quantize_model(ir.from_proto(NETS[name]()), "quant:int8",
+                          calib).stats["biases_corrected"] == layers
+    # what is left is the int32 rounding of the corrected bias and float rounding
+    assert errors["quant:int8"] < 1e-3 < errors["quant:int8,bias_correction=false"], errors
 
 
 def test_sensitivity_is_measured_per_layer_and_reported(digits):

@@ -105,9 +105,9 @@ def test_weights_conv_per_channel():
     stats = quantize_weights(model)
     ir.verify(model)
     assert stats == {"nodes_quantized": 1, "weights_quantized": 1,
-                     "weight_bytes_before": 4 * 108, "weight_bytes_after": 108 + 4 * 4 + 4}
+                     "weight_bytes_before": 4 * 108, "weight_bytes_after": 108 + 4 * 4}
     assert ops(model) == ["DequantizeLinear", "Conv"]
-    assert model.graph.initializers["w_quantized"].dtype == ir.DataType.INT8
+    assert model.graph.initializers["w_q"].dtype == ir.DataType.INT8
     assert "w" not in model.graph.initializers and model.graph.initializers["b"].dtype == \
         ir.DataType.FLOAT  # the bias stays float
     deq, qp = dequantized_weight(model, "w")
@@ -309,7 +309,7 @@ def test_dynamic_conv_integer():
     ir.verify(model)
     assert stats["nodes_quantized"] == 1
     assert ops(model) == ["DynamicQuantizeLinear", "ConvInteger", "Cast", "Mul", "Mul", "Add"]
-    wq = model.graph.initializers["w_quantized"].const_value.numpy()
+    wq = model.graph.initializers["w_q"].const_value.numpy()
     assert wq.dtype == np.uint8 and np.all(wq[w == 0] == 128)
     # Reference: the same integers through a float Conv (exact: small integer sums).
     x = feeds["x"]
