@@ -9,7 +9,8 @@ BatchNormalization statistics back:
 - :func:`recover_prepare` + :func:`recover_install`: ``recover=bias`` (means of the unpruned
   model, computed before the channels go);
 - :func:`recover_sequential`: ``recover=lsq``, level by level on the pruned model's inputs,
-  with saturation-aware rounds where a Relu/Clip follows (:func:`_clamp_after`).
+  with saturation-aware rounds where a Relu/Clip follows (:func:`_clamp_after`); the
+  consumers downstream of a refit one are refit too (their inputs drifted).
 """
 
 from __future__ import annotations
@@ -303,12 +304,16 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
 
     Each consumer's targets are its outputs in the ``original`` (unpruned) model; its inputs
     are its kept input channels as the pruned model, with the levels before already refit,
-    computes them, so that errors made upstream are corrected downstream. Activations are
+    computes them, so that errors made upstream are corrected downstream. The consumers
+    refit are those that lost input channels and every consumer downstream of one (whose
+    inputs drifted although it lost nothing: when only some groups are pruned, the layers
+    after them correct the error instead of passing it on). Activations are
     fetched in chunks that fit the byte budget, from caches that keep the values already
     computed (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`).
     """
     lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
-    lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms)]
+    drifted = _downstream([c.node for c, k in lost if len(k) < len(c.rec.atoms)])
+    lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms) or id(c.node) in drifted]
     kept = {id(c): k for c, k in lost}
     ref = Activations(original, ctx, values=())  # size estimates for _chunks
     # Each cache runs only the nodes between the values it holds and the ones asked for:
@@ -329,6 +334,18 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
             del xs, xp
         recover_install(model, level)
     return reports
+
+
+def _downstream(nodes: list[Node]) -> set[int]:
+    """Ids of the nodes that read, directly or not, an output of one of ``nodes``."""
+    seen: set[int] = set()
+    todo = [v for n in nodes for v in n.outputs if v is not None]
+    while todo:
+        for user in todo.pop().consumers():
+            if id(user) not in seen:
+                seen.add(id(user))
+                todo.extend(v for v in user.outputs if v is not None)
+    return seen
 
 
 def _log_report(report: dict) -> None:

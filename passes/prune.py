@@ -378,7 +378,8 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     first, for free. ``recover`` (see :class:`PruneOptions`) then repairs every consumer
     (Conv with group 1, Gemm, MatMul with a constant weight) that lost input channels:
     ``lsq`` refits its weights and bias level by level (targets: its output in the unpruned
-    model; inputs: the pruned model's, with upstream consumers already refit), ``bias``
+    model; inputs: the pruned model's, with upstream consumers already refit), and also every
+    consumer downstream of one (its inputs drifted although it lost nothing), ``bias``
     folds the removed channels' means into its bias; a MatMul gets an ``Add`` for the bias,
     and a BatchNormalization that follows a recovered layer has its statistics matched
     (:func:`~edgeopt.passes.recovery.match_batchnorm`). Each layer's relative output error
