@@ -33,6 +33,7 @@ from .recovery import (
     Clamp,
     LayerSpec,
     bias_compensation,
+    depthwise_refit,
     layer_output,
     least_squares_refit,
     match_batchnorm,
@@ -40,7 +41,8 @@ from .recovery import (
     reestimate_batchnorm,
 )
 
-__all__ = ["META_KEY", "Consumer", "dead_channels", "find_consumers", "recover_install",
+__all__ = ["META_KEY", "Consumer", "dead_channels", "find_consumers", "find_depthwise",
+           "recover_install",
            "recover_prepare", "recover_sequential"]
 
 log = logging.getLogger("edgeopt.passes.prune")
@@ -68,6 +70,7 @@ class Consumer:
     bias: np.ndarray | None = None
     bn: tuple[np.ndarray, np.ndarray] | None = None  # matched BN mean/var, full channels
     clamp: Clamp | None = None        # the activation after it (and its BN), unpruned
+    depthwise: bool = False           # a depthwise Conv: ``rec`` is its output (= input) axis
 
     @property
     def input(self) -> str:
@@ -104,6 +107,35 @@ def find_consumers(model: Model, cg: ChannelGroups) -> list[Consumer]:
             ins[0].value.const_value, None if bias is None else bias.const_value,
             None if bn is None else (bn.inputs[3].const_value, bn.inputs[4].const_value),
             clamp=_clamp_after(node)))
+    return found
+
+
+def find_depthwise(model: Model, cg: ChannelGroups) -> list[Consumer]:
+    """Depthwise Convs of the main graph (``group`` = channels, constant weight and bias).
+
+    They are members of their input's channel group, not consumers: they never lose an input
+    channel they read, but ``recover=lsq`` refits them when their inputs drift
+    (:func:`~edgeopt.passes.recovery.depthwise_refit`). ``rec`` is the weight's axis 0.
+    """
+    found = []
+    for rec in cg.records:
+        node = rec.node
+        if node is None or node.op_type != "Conv" or rec.index != 1 or rec.axis != 0 \
+                or node.graph is not model.graph or rec.value.const_value is None:
+            continue
+        shape = rec.value.const_value.shape
+        x, bias = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+        if len(shape) < 3 or shape[1] != 1 or int(node.attr("group", 1)) != shape[0] \
+                or shape[0] == 1 or x is None or not x.name or x.const_value is not None \
+                or (bias is not None and bias.const_value is None):
+            continue
+        spec = LayerSpec.from_onnx("Conv", {k: v for k, v in node.attrs.items() if k != "group"})
+        bn = _following_bn(node)
+        found.append(Consumer(
+            node, spec, rec, [], rec.value.const_value,
+            None if bias is None else bias.const_value,
+            None if bn is None else (bn.inputs[3].const_value, bn.inputs[4].const_value),
+            clamp=_clamp_after(node), depthwise=True))
     return found
 
 
@@ -197,7 +229,11 @@ def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
         bn0 = None if bn0 is None else [a[out_kept] for a in bn0]
         clamp = None if clamp is None else Clamp(clamp.scale[out_kept], clamp.shift[out_kept],
                                                  clamp.lo, clamp.hi)
-    if mode == "lsq":
+    if c.depthwise:
+        c.weight, c.bias, report = depthwise_refit(
+            w, b, x, keep, c.spec, x_pruned, clamp=clamp, rounds=SATURATION_ROUNDS)
+        drop, after = report["rel_err_drop"], report["rel_err_refit"]
+    elif mode == "lsq":
         c.weight, c.bias, report = least_squares_refit(
             w, b, x, keep, c.spec, x_inputs=x_pruned, clamp=clamp, rounds=SATURATION_ROUNDS)
         drop, after = report["rel_err_drop"], report["rel_err_refit"]
@@ -210,7 +246,7 @@ def _refit(c: Consumer, x: np.ndarray, keep: np.ndarray, mode: str,
         drop, after = reconstruction_error(w, b, x, keep, c.weight, c.bias, c.spec)
         report = {"method": "bias"}
     bn = _following_bn(c.node)
-    if bn is not None and bn0 is not None and report["method"] != "drop":
+    if bn is not None and bn0 is not None and report["method"] != "drop" and not c.depthwise:
         xk = np.take(x, keep, axis=x.ndim - 1 if c.spec.kind == "gemm" else 1) \
             if x_pruned is None else x_pruned
         ref = reestimate_batchnorm(layer_output(x, w, b, c.spec))
@@ -299,7 +335,8 @@ def recover_prepare(model: Model, ctx: Context, consumers: list[Consumer], keep:
 
 
 def recover_sequential(model: Model, ctx: Context, original: Model, consumers: list[Consumer],
-                       keep: Keep, samples: int) -> list[dict]:
+                       keep: Keep, samples: int, depthwise: list[Consumer] | None = None
+                       ) -> list[dict]:
     """Least-squares refit of every consumer, level by level, on the pruned model's inputs.
 
     Each consumer's targets are its outputs in the ``original`` (unpruned) model; its inputs
@@ -307,13 +344,16 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
     computes them, so that errors made upstream are corrected downstream. The consumers
     refit are those that lost input channels and every consumer downstream of one (whose
     inputs drifted although it lost nothing: when only some groups are pruned, the layers
-    after them correct the error instead of passing it on). Activations are
+    after them correct the error instead of passing it on). The ``depthwise`` Convs (see
+    :func:`find_depthwise`) among those downstream are refit channel by channel. Activations are
     fetched in chunks that fit the byte budget, from caches that keep the values already
     computed (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`).
     """
     lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
     drifted = _downstream([c.node for c, k in lost if len(k) < len(c.rec.atoms)])
     lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms) or id(c.node) in drifted]
+    lost += [(c, np.flatnonzero(keep(c.rec.atoms))) for c in depthwise or ()
+             if id(c.node) in drifted]
     kept = {id(c): k for c, k in lost}
     ref = Activations(original, ctx, values=())  # size estimates for _chunks
     # Each cache runs only the nodes between the values it holds and the ones asked for:

@@ -44,6 +44,7 @@ from ._prune_recover import (
     Consumer,
     dead_channels,
     find_consumers,
+    find_depthwise,
     recover_install,
     recover_prepare,
     recover_sequential,
@@ -500,12 +501,13 @@ def _remove(model: Model, ctx: Context, cg: ChannelGroups, removed: dict[int, np
     reports = recover_prepare(model, ctx, consumers, keep, act, mode, opts.recover_samples) \
         if mode == "bias" and act is not None else []
     original = model.clone() if mode == "lsq" and act is not None else None
+    depthwise = find_depthwise(model, cg) if original is not None else []
     apply(model, cg, keep)
     if reports:
         recover_install(model, consumers)
     elif original is not None:
         reports = recover_sequential(model, ctx, original, consumers, keep,
-                                     opts.recover_samples)
+                                     opts.recover_samples, depthwise)
     dce(model, ctx)
     return reports
 

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
-__all__ = ["Clamp", "LayerSpec", "bias_compensation", "im2col", "layer_output",
+__all__ = ["Clamp", "LayerSpec", "bias_compensation", "depthwise_refit", "im2col", "layer_output",
            "least_squares_refit", "match_batchnorm", "reconstruction_error",
            "reestimate_batchnorm", "saturation_offset"]
 
@@ -560,6 +560,62 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
     else:
         w_out = w_new if spec.layout == "in_out" else w_new.T
     return np.ascontiguousarray(w_out, dt), np.asarray(b_new, dt), report
+
+
+def depthwise_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: np.ndarray,
+                    keep: Sequence[int], spec: LayerSpec, x_inputs: np.ndarray,
+                    clamp: Clamp | None = None, rounds: int = 2
+                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Refit a depthwise Conv channel by channel to match its unpruned output.
+
+    A depthwise Conv (``group`` = channels, one input channel per output) is pruned with its
+    input's channel group, so it never loses an input it reads; but the kept channels it
+    reads drift when the layers before it were pruned and refit. Each kept output channel
+    ``keep[j]`` is a one-channel Conv: it is refit by :func:`least_squares_refit` (same model
+    selection and saturation rounds) from ``x_inputs[:, j]`` (the pruned model's input) to
+    the unpruned output, which reads ``x_samples[:, keep[j]]``.
+
+    Args:
+        weight: the unpruned weight ``[C, 1, *kernel]``.
+        bias: its bias ``[C]`` or None.
+        x_samples: the unpruned input ``[N, C, *spatial]``.
+        keep: the kept channels (sorted indices into ``C``).
+        spec: the Conv's geometry (``group`` left at 1: each channel is solved alone).
+        x_inputs: the pruned model's input ``[N, len(keep), *spatial]``, same samples.
+        clamp: the activation after the Conv over all ``C`` channels, or None.
+        rounds: saturation rounds (with ``clamp``).
+
+    Returns:
+        ``(weight [len(keep), 1, *kernel], bias [len(keep)], report)``; the report's
+        ``rel_err_drop`` and ``rel_err_refit`` are means over the channels of each channel's
+        held-out relative error, ``method`` is ``refit`` if any channel was refit.
+    """
+    w = np.asarray(weight)
+    if w.ndim < 3 or w.shape[1] != 1:
+        raise ValueError(f"a depthwise weight is [C, 1, *kernel], got {w.shape}")
+    b = np.zeros(w.shape[0], _float_dtype(w)) if bias is None else np.asarray(bias).ravel()
+    x_samples, x_inputs = np.asarray(x_samples), np.asarray(x_inputs)
+    if x_inputs.shape[1] != len(keep):
+        raise ValueError(f"x_inputs has {x_inputs.shape[1]} channels, keep {len(keep)}")
+    ws, bs, drops, afters, methods = [], [], [], [], set()
+    for j, c in enumerate(keep):
+        cl = None if clamp is None else Clamp(clamp.scale[c:c + 1], clamp.shift[c:c + 1],
+                                              clamp.lo, clamp.hi)
+        wj, bj, rep = least_squares_refit(w[c:c + 1], b[c:c + 1], x_samples[:, c:c + 1], [0],
+                                          spec, x_inputs=x_inputs[:, j:j + 1], clamp=cl,
+                                          rounds=rounds)
+        ws.append(wj)
+        bs.append(bj)
+        drops.append(rep["rel_err_drop"])
+        afters.append(rep["rel_err_refit"])
+        methods.add(rep["method"])
+    n = max(len(keep), 1)
+    report = {"rel_err_drop": float(sum(drops) / n), "rel_err_refit": float(sum(afters) / n),
+              "method": "refit" if "refit" in methods else "bias" if "bias" in methods
+              else "drop"}
+    dt = _float_dtype(weight)
+    return (np.concatenate(ws).astype(dt) if ws else w[:0].astype(dt),
+            np.concatenate(bs).astype(dt) if bs else b[:0].astype(dt), report)
 
 
 @_one_blas_thread

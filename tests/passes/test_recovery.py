@@ -468,3 +468,32 @@ def test_match_batchnorm_restores_output_moments():
     same = match_batchnorm(mean, var, eps, ref, ref)
     np.testing.assert_allclose(same[0], mean, atol=1e-12)
     np.testing.assert_allclose(same[1], var, atol=1e-12)
+
+
+# -- depthwise refit ---------------------------------------------------------------------------
+def test_depthwise_refit_undoes_a_per_channel_drift_of_its_input():
+    """Each kept channel's input drifted by its own gain (what a refit layer upstream can
+    leave): the channel-by-channel refit restores the unpruned outputs of the kept channels,
+    with a padded, strided 3x3 depthwise Conv, and the result runs as a depthwise Conv."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((24, 5, 7, 7))
+    w, b = rng.standard_normal((5, 1, 3, 3)), rng.standard_normal(5)
+    attrs = {"strides": [2, 2], "pads": [1, 1, 1, 1]}
+    keep = np.array([0, 2, 3])
+    x_pruned = x[:, keep] * np.array([0.5, 2.0, -1.5])[None, :, None, None]
+    new_w, new_b, rep = recovery.depthwise_refit(w, b, x, keep, spec_of(attrs), x_pruned)
+    assert new_w.shape == (3, 1, 3, 3) and new_b.shape == (3,)
+    want = conv_ref(x, w, b, group=5, **attrs)[:, keep]
+    assert rel(conv_ref(x_pruned, w[keep], b[keep], group=3, **attrs), want) > 0.5  # drifted
+    assert rel(conv_ref(x_pruned, new_w, new_b, group=3, **attrs), want) < 1e-3
+    assert rep["method"] == "refit" and rep["rel_err_refit"] < 1e-3 < 0.5 < rep["rel_err_drop"]
+
+
+def test_depthwise_refit_rejects_other_shapes():
+    x = np.zeros((2, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"depthwise weight is \[C, 1, \*kernel\], got \(4, 2, 3"):
+        recovery.depthwise_refit(np.zeros((4, 2, 3, 3)), None, x, [0, 1], LayerSpec("conv"),
+                                 x[:, :2])
+    with pytest.raises(ValueError, match="x_inputs has 3 channels, keep 2"):
+        recovery.depthwise_refit(np.zeros((4, 1, 3, 3)), None, x, [0, 1], LayerSpec("conv"),
+                                 x[:, :3])
