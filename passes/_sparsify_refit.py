@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 
 from edgeopt.ir import Model, Node
 
@@ -180,6 +179,8 @@ def _excess(m: _Moments, w: np.ndarray, b: np.ndarray, outputs: np.ndarray) -> f
 
 def _cholesky_rows(a: np.ndarray, b: np.ndarray, support: np.ndarray) -> np.ndarray | None:
     """Exact solutions over each output's support: one Cholesky factor per output."""
+    import scipy.linalg  # 0.1 s to import: only when used
+
     w = np.zeros(support.shape)
     for o in range(support.shape[1]):
         s = np.flatnonzero(support[:, o])

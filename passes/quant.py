@@ -22,20 +22,17 @@ from edgeopt.ir import DataType, Model, Node, QuantParams
 from edgeopt.ir.quant import params_from_range, type_range
 
 from ._base import Context, OptionError, PassError, PassResult
-from ._quant_plan import QuantPlan, excluded, node_label, plan_static
-from ._quant_qdq import apply_qdq
-from ._quant_tune import (
+from ._quant_bias import (
     BIAS_SAMPLES,
     LAYERS,
-    OutputRunner,
     bias_targets,
     correct_biases,
     float_output_means,
     mean_requests,
-    meet_target,
-    parse_target,
-    sensitivities,
 )
+from ._quant_plan import QuantPlan, excluded, node_label, plan_static
+from ._quant_qdq import apply_qdq
+from ._quant_tune import OutputRunner, meet_target, parse_target, sensitivities
 from ._registry import register_pass
 from ._util import NameGen, add_constant, as_tensor, constant_tensor, default_opset
 from .analyses.activations import Activations, ValueStats, _require_calib

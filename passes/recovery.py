@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-import scipy.linalg
 from threadpoolctl import threadpool_limits
 
 __all__ = ["Clamp", "LayerSpec", "bias_compensation", "depthwise_refit", "im2col", "layer_output",
@@ -381,6 +380,8 @@ def _solve(m: _Moments, ridge: float) -> np.ndarray | None:
     more than a loud one; columns with (almost) no variance get the floor
     ``ridge * 1e-6 * mean variance``.
     """
+    import scipy.linalg  # 0.1 s to import: only when used
+
     d = m.axx.shape[0]
     diag = np.diagonal(m.axx)
     floor = max(1e-6 * float(diag.mean()) if d else 0.0, np.finfo(float).tiny)

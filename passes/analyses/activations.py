@@ -120,7 +120,7 @@ class _OrtModel:
                 if dtypes.get(name) is not None:
                     vi.type.tensor_type.elem_type = int(dtypes[name])  # type: ignore[arg-type]
         # Basic optimizations only: the values are measured as the graph defines them.
-        return self._load(full=False)
+        return self.load(full=False)
 
     def light_session(self, names: Sequence[str], strides: Mapping[str, int],
                       ranks: Mapping[str, int], taps: _Taps | None = None
@@ -178,7 +178,7 @@ class _OrtModel:
         listed = {o.name for o in self._outputs}
         graph.output.extend(helper.make_empty_tensor_value_info(o) for roles in outputs.values()
                             for o in roles.values() if o not in listed)
-        return self._load(full=True), outputs
+        return self.load(full=True), outputs
 
     def _tap_nodes(self, name: str, mats: Sequence[np.ndarray], out: str, node: Any) -> str:
         """``x @ W.T`` (last spatial axis), ``H @ .`` (the one before), ``ReduceSum`` axis 0.
@@ -198,7 +198,7 @@ class _OrtModel:
             return node("ReduceSum", [t, out + "axes"], out + "sum", keepdims=0)
         return node("ReduceSum", [t], out + "sum", keepdims=0, axes=[0])
 
-    def _load(self, full: bool) -> Any:
+    def load(self, full: bool) -> Any:
         """An ONNX Runtime session of the graph as it is now (``full``: all optimizations)."""
         import onnx
         import onnxruntime as ort

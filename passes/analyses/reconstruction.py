@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.linalg import blas
 
 from ..recovery import LayerSpec, im2col
 from .importance import (
@@ -139,6 +138,8 @@ class _Consumer:
         tt = _solve(ut[:, b], ut)  # P_bb^-1 P_b:
         # p and w are C-ordered, so their transposes are the Fortran arrays BLAS updates in
         # place: P^T -= P_:b (P_bb^-1 P_b:) and W^T -= W_b^T (P_bb^-1 P_b:).
+        from scipy.linalg import blas  # scipy takes 0.1 s to import: only when used
+
         self.p = blas.dgemm(-1.0, ut, tt, beta=1.0, c=self.p.T, trans_a=1, overwrite_c=1).T
         self.w = blas.dgemm(-1.0, self.w[b], tt, beta=1.0, c=self.w.T, trans_a=1,
                             overwrite_c=1).T

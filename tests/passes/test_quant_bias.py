@@ -1,0 +1,81 @@
+"""Bias correction: one instrumented run and level by level give the same int32 biases."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from models import cnn, mlp, mobilenetv2, resnet
+
+from edgeopt import ir
+from edgeopt.passes import Context, PassManager
+from edgeopt.passes import _quant_bias as bias
+from edgeopt.passes.calib import CalibrationData, load_calibration
+
+DIGITS = "examples/digits"
+ONE_RUN = "quant: bias correction of {} layers in one run of 16 samples"
+FALLBACK = "quant: bias correction goes level by level: "
+
+
+def _calib(model: ir.Model, n: int = 32) -> CalibrationData:
+    x = model.graph.inputs[0]
+    shape = [n * x.shape[0], *x.shape[1:]]
+    arr = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    return CalibrationData.for_model({x.name: arr}, model)
+
+
+def _quantize(make, calib_of, level_by_level=False):
+    model = make()
+    calib = calib_of(model)
+    with pytest.MonkeyPatch.context() as mp:
+        if level_by_level:
+            mp.setattr(bias, "_one_run", lambda *a: None)
+        step = PassManager("quant:int8").run(model, Context(calib=calib)).steps[-1]
+    biases = {n.name: bias._bias_dq(n).inputs[0].const_value.numpy().copy()
+              for n in model.graph if bias._bias_dq(n) is not None}
+    return step.stats["biases_corrected"], biases
+
+
+MODELS = {
+    # static batch 1: the one run goes through unfix_batch
+    "resnet": (lambda: ir.from_proto(resnet()), _calib),
+    "mobilenetv2": (lambda: ir.from_proto(mobilenetv2()), _calib),
+    "cnn": (lambda: ir.from_proto(cnn()), _calib),
+    # a dynamic batch: fed as it is
+    "digits mobilenetv2": (lambda: ir.load(f"{DIGITS}/mobilenetv2.onnx"),
+                           lambda m: load_calibration(f"{DIGITS}/calib.npz", m)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_run_gives_the_biases_of_level_by_level(name, caplog):
+    make, calib_of = MODELS[name]
+    with caplog.at_level(logging.INFO, logger="edgeopt.passes._quant_bias"):
+        n, one = _quantize(make, calib_of)
+    assert ONE_RUN.format(n) in caplog.messages
+    assert not [m for m in caplog.messages if m.startswith(FALLBACK)]
+    m, levels = _quantize(make, calib_of, level_by_level=True)
+    assert n == m == len(one) > 3
+    # The same int32 biases, but for float rounding on the edge of a step.
+    steps = np.concatenate([np.abs(one[k] - levels[k]) for k in one])
+    assert steps.max() <= 1 and np.mean(steps == 0) > 0.95, np.bincount(steps)
+
+
+def test_too_many_bytes_at_once_go_level_by_level(monkeypatch, caplog):
+    make, calib_of = MODELS["resnet"]
+    _, one = _quantize(make, calib_of)
+    monkeypatch.setattr(bias, "GRAPH_BYTES", 1000)
+    with caplog.at_level(logging.INFO, logger="edgeopt.passes._quant_bias"):
+        n, levels = _quantize(make, calib_of)
+    why = [m for m in caplog.messages if m.startswith(FALLBACK)]
+    assert len(why) == 1 and why[0].endswith("MiB (more than 0.0 MiB)"), why
+    assert why[0].startswith(FALLBACK + "16 samples at once would take about ")
+    assert n == len(one) and all(np.abs(one[k] - levels[k]).max() <= 1 for k in one)
+
+
+def test_a_static_batch_above_one_goes_level_by_level(caplog):
+    with caplog.at_level(logging.INFO, logger="edgeopt.passes._quant_bias"):
+        n, _ = _quantize(lambda: ir.from_proto(mlp()), _calib)  # input [2, 1, 8, 8]
+    assert FALLBACK + "the model's batch is fixed to 2" in caplog.messages
+    assert n == 1  # the Gemm (its MatMul layers have no int32 bias)
