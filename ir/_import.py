@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -73,9 +74,12 @@ class _Scope:
 
 
 class _Importer:
-    def __init__(self, base_dir: str | None, label: str) -> None:
+    def __init__(self, base_dir: str | None, label: str,
+                 supplied: Mapping[str, Tensor] | None = None) -> None:
         self.base_dir = base_dir
         self.label = label  # file name used as the prefix of every error message
+        self.supplied = supplied or {}
+        self.main: Graph | None = None  # the main graph, once its import starts
 
     # -- tensors -----------------------------------------------------------------------------
     def tensor(self, t: onnx.TensorProto, what: str) -> Tensor:
@@ -84,6 +88,20 @@ class _Importer:
             return self.external_tensor(t, where)
         check_inline_tensor(t, where)
         return ProtoTensor(t)
+
+    def supplied_tensor(self, t: onnx.TensorProto, what: str, name: str | None = None
+                        ) -> Tensor:
+        """The tensor supplied for a data-less stub, if its type and dims match the stub's.
+
+        ``name``: the value it is supplied for (default: the stub's own name).
+        """
+        tensor = self.supplied[t.name if name is None else name]
+        if check_header(t, f"{self.label}: {what}") != tensor.dtype or \
+                tuple(t.dims) != tuple(tensor.shape):
+            raise ModelLoadError(f"{self.label}: {what}: the supplied tensor is "
+                                 f"{tensor.dtype.name}{list(tensor.shape)}, the stub "
+                                 f"{DataType.parse(t.data_type).name}{list(t.dims)}")
+        return tensor
 
     def external_tensor(self, t: onnx.TensorProto, where: str) -> ExternalTensor:
         dtype = check_header(t, where)
@@ -140,6 +158,8 @@ class _Importer:
         gname = g.name or "main"
         where = f"{self.label}: graph {gname!r}"
         graph = Graph(name=g.name)
+        if parent is None:
+            self.main = graph
         graph.doc_string = g.doc_string
         graph.metadata_props = {p.key: p.value for p in g.metadata_props}
         for vi in g.input:
@@ -147,7 +167,9 @@ class _Importer:
             scope.define(value, where)
             graph.inputs.append(value)
         for t in g.initializer:
-            tensor = self.tensor(t, f"initializer {t.name!r}")
+            what = f"initializer {t.name!r}"
+            tensor = self.supplied_tensor(t, what) if parent is None and \
+                t.name in self.supplied else self.tensor(t, what)
             self.add_initializer(graph, scope, t.name, tensor, where)
         for sp in g.sparse_initializer:
             tensor = self.sparse_tensor(sp, f"sparse initializer {sp.values.name!r}")
@@ -198,7 +220,10 @@ class _Importer:
         what = f"node {label!r}"
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1 \
                 and n.output[0] and not any(a.ref_attr_name for a in n.attribute):
-            tensor = self.constant_value(n, what)
+            tensor = self.supplied_tensor(n.attribute[0].t, what, n.output[0]) \
+                if graph is self.main and n.output[0] in self.supplied and \
+                len(n.attribute) == 1 and n.attribute[0].name == "value" else \
+                self.constant_value(n, what)
             if tensor is not None:
                 value = outs[0]
                 value._const_value = tensor
@@ -332,7 +357,7 @@ def _infer_attr_type(a: onnx.AttributeProto) -> AttrType:
 
 
 def from_proto(proto: onnx.ModelProto, base_dir: str | None = None,
-               label: str = "<model>") -> Model:
+               label: str = "<model>", tensors: Mapping[str, Tensor] | None = None) -> Model:
     """Build the IR of a parsed ModelProto.
 
     Args:
@@ -340,13 +365,17 @@ def from_proto(proto: onnx.ModelProto, base_dir: str | None = None,
             are held once); do not mutate it afterwards.
         base_dir: folder that external-data locations are relative to.
         label: file name to start error messages with.
+        tensors: data of main-graph initializers and ``Constant`` nodes (by output name),
+            used instead of the proto's: for data-less stubs (:func:`~edgeopt.ir.to_proto`'s
+            ``deferred``, :func:`~edgeopt.passes._util.proto_skeleton`); their type and dims
+            must be the proto's.
 
     Raises:
         ModelLoadError: the model is malformed or hostile.
     """
     if not proto.HasField("graph"):
         raise ModelLoadError(f"{label}: not an ONNX model (no graph)")
-    imp = _Importer(base_dir, label)
+    imp = _Importer(base_dir, label, tensors)
     graph = imp.graph(proto.graph, None)
     model = Model(graph, {o.domain: o.version for o in proto.opset_import}, proto.ir_version)
     model.producer_name = proto.producer_name

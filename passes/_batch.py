@@ -31,6 +31,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ._util import proto_skeleton
+
 __all__ = ["BATCH", "unfix_batch"]
 
 #: The symbolic batch dim :func:`unfix_batch` gives the data inputs.
@@ -92,7 +94,8 @@ def unfix_batch(proto: object, inputs: Iterable[str]) -> str:
         graph.initializer.append(new)
         node.input[1] = new.name
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(proto_skeleton(proto)[0],
+                                                     data_prop=True)
     except Exception as e:  # onnx raises its own error types
         return f"shape inference failed: {str(e).splitlines()[0] if str(e) else e}"
     opset = next((o.version for o in proto.opset_import  # type: ignore[attr-defined]
@@ -154,3 +157,4 @@ def _axis(node: object, t: object, opset: int) -> int | None:
     if t is None or not t.HasField("shape"):  # type: ignore[attr-defined]
         return None
     return axis + len(t.shape.dim)  # type: ignore[attr-defined]
+

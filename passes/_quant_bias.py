@@ -65,7 +65,12 @@ GRAPH_BYTES = 1 << 30
 #: Bytes each activation cache of bias correction may hold and return.
 CACHE_BYTES = 256 << 20
 
-#: Calibration samples bias correction measures on (the first ones).
+#: Calibration samples bias correction measures on (the first ones); the one run (or the
+#: level sub-models) costs about as many forward passes. Held-out output error with / without
+#: correction on the digits models (cnn, resnet, mobilenetv2, mlp): 8 samples 0.85 0.82 1.01
+#: 0.95, 16: 0.87 0.81 0.96 0.90, 32: 0.85 0.80 0.93 0.89, 64: 0.84 0.80 0.91 0.89. PP-OCRv4 rec
+#: (time steps / lines matching fp32) was best with 8 (0.966 / 0.750; 16: 0.950 / 0.625; 32:
+#: 0.946 / 0.672), within the noise of its 64 evaluation lines; det's IoU 0.963 / 0.965.
 BIAS_SAMPLES = 16
 
 
@@ -222,30 +227,59 @@ def _instrument(proto: object, todo: list[Node], want: dict[Node, np.ndarray],
 def _peak_bytes(model: Model, data: CalibrationData) -> int:
     """Most bytes of main-graph values alive at once for one sample (an estimate).
 
-    Values of unknown size count as the largest known one.
+    Sizes come from the IR's shapes (a symbolic first dim counts as one sample; a value
+    without a shape, such as a QuantizeLinear output, as large as its first input), else
+    from shape inference on a copy with the inputs fixed to one sample.
     """
-    info = _infer(model, data.subset(1))
-    sizes: dict[str, int | None] = {}
-    for name, (dtype, shape) in info.items():
-        known = dtype is not None and dtype.bitwidth and ir.shape_is_static(shape)
-        sizes[name] = math.prod(shape) * dtype.itemsize if known else None  # type: ignore[union-attr]
-    largest = max((s for s in sizes.values() if s is not None), default=0)
+    sizes = _ir_sizes(model)
+    if sizes is None:
+        info = _infer(model, data.subset(1))
+        known = {n: math.prod(s) * t.itemsize for n, (t, s) in info.items()
+                 if t is not None and t.bitwidth and ir.shape_is_static(s)}
+        largest = max(known.values(), default=0)
+        sizes = {n: known.get(n, largest) for n in info}
     last: dict[str, int] = {}
     for i, node in enumerate(model.graph):
         last.update((v.name, i) for v in node.inputs if v is not None)
-    live, peak = 0, 0
+    live = peak = 0
     for i, node in enumerate(model.graph):
-        for out in node.outputs:
-            if out.name and out.const_value is None:
-                size = sizes.get(out.name)
-                live += largest if size is None else size
+        live += sum(sizes.get(o.name, 0) for o in node.outputs if o.name)
         peak = max(peak, live)
-        for v in node.inputs:
-            if v is not None and last.get(v.name) == i and v.name in sizes and \
-                    v.producer() is not None:
-                size = sizes[v.name]
-                live -= largest if size is None else size
+        live -= sum(sizes.get(v.name, 0) for v in set(node.inputs)
+                    if v is not None and last.get(v.name) == i and v.producer() is not None)
     return peak
+
+
+def _ir_sizes(model: Model) -> dict[str, int] | None:
+    """Bytes per sample of each main-graph value from the IR's shapes, or None if unknown.
+
+    See :func:`_peak_bytes`.
+    """
+    elements: dict[str, int] = {}
+    for v in model.graph.inputs:
+        n = _elements(v)
+        if n is not None:
+            elements[v.name] = n
+    sizes: dict[str, int] = {}
+    for node in model.graph:
+        first = node.inputs[0] if node.inputs else None
+        for out in node.outputs:
+            n = _elements(out)
+            if n is None and first is not None:
+                n = elements.get(first.name, _elements(first))
+            if n is None or out.dtype is None or not out.dtype.bitwidth:
+                return None
+            elements[out.name] = n
+            sizes[out.name] = n * out.dtype.itemsize
+    return sizes
+
+
+def _elements(value: ir.Value) -> int | None:
+    """Elements per sample of a value of known shape (a symbolic first dim counts as 1)."""
+    shape = value.shape
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    return math.prod(shape[1:]) * (shape[0] if shape and isinstance(shape[0], int) else 1)
 
 
 def _level_by_level(model: Model, ctx: Context, todo: list[Node], want: dict[Node, np.ndarray],

@@ -16,6 +16,7 @@ from models import cnn, concat_net, mlp, mobilenetv2, resnet, se_net
 from edgeopt import ir
 from edgeopt.ir.quant import dequantize, quantize
 from edgeopt.passes import Context, OptionError, PassError, PassManager
+from edgeopt.passes._quant_bias import BIAS_SAMPLES
 from edgeopt.passes.calib import CalibrationData
 
 RNG = np.random.default_rng(0)
@@ -396,7 +397,7 @@ def test_bias_correction_gives_every_layer_the_float_channel_means(name):
     float_model = ir.from_proto(NETS[name]())
     calib = calib_for(float_model, n=32)
     PassManager("fold-bn").run(float_model, Context())  # as quant does first
-    head = calib.arrays["x"][:16]  # bias correction's samples
+    head = calib.arrays["x"][:BIAS_SAMPLES]
     want = _layer_means(float_model, head)
     errors = {}
     for spec in ("quant:int8", "quant:int8,bias_correction=false"):
