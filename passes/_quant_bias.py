@@ -40,14 +40,8 @@ from ._batch import unfix_batch
 from ._quant_plan import QuantPlan
 from ._util import NameGen, as_tensor, constant_tensor, levels, replace_constant_input
 from .analyses.activation_cache import ActivationCache
-from .analyses.activations import (
-    Activations,
-    Window,
-    _infer,
-    _OrtModel,
-    _require_calib,
-    run_session,
-)
+from .analyses.activations import Activations, Window, _infer, _require_calib
+from .analyses.ort_model import OrtModel, run_session
 from .calib import CalibrationData
 
 __all__ = ["BIAS_SAMPLES", "LAYERS", "bias_targets", "correct_biases", "float_output_means",
@@ -124,7 +118,7 @@ def _one_run(model: Model, todo: list[Node], want: dict[Node, np.ndarray],
     None when the copy cannot run all the samples in one batch (the reason is logged).
     """
     why = _one_run_blocker(model, todo, want, data)
-    with _OrtModel(model, Activations.INLINE_LIMIT) as exported:
+    with OrtModel(model, Activations.INLINE_LIMIT) as exported:
         if not why and data.fixed_batch == 1:
             why = unfix_batch(exported.proto, data.input_names)
         if why:

@@ -20,7 +20,7 @@ from edgeopt import ir
 from edgeopt.ir import Model
 
 from ._base import Context
-from .analyses.activations import run_session
+from .analyses.ort_model import run_session
 
 __all__ = ["Metric", "OutputRunner", "measure", "meet_target", "parse_target", "sensitivities"]
 

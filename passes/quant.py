@@ -143,11 +143,14 @@ def _ensure_opset(model: Model) -> int:
     from onnx import version_converter
 
     # The converter reads no weight: it gets them as data-less stubs and they are put back
-    # (a 100 MB model otherwise costs it 0.15 s of copying).
+    # (a 100 MB model otherwise costs it 0.15 s of copying). Opset 13 comes with IR 7, and
+    # from IR 4 on weights are written as initializers, which to_proto stubs without a copy.
+    old_ir, model.ir_version = model.ir_version, max(model.ir_version, 7)
     try:
         src, stripped = proto_skeleton(ir.to_proto(model, value_info="file", deferred={}))
         proto = version_converter.convert_version(src, MIN_OPSET)
     except Exception as e:  # the converter raises bare RuntimeErrors
+        model.ir_version = old_ir
         raise PassError(f"quant: the model's opset {old} is below {MIN_OPSET}, which "
                         f"per-channel quantization needs, and converting it failed: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
@@ -160,7 +163,7 @@ def _ensure_opset(model: Model) -> int:
     weights = {name: model.graph.initializers[name].const_value for name in stripped}
     new = ir.from_proto(proto, tensors=weights)  # type: ignore[arg-type]
     model.graph, model.opset_imports = new.graph, new.opset_imports
-    model.ir_version = max(model.ir_version, new.ir_version, 7)  # opset 13 came with IR 7
+    model.ir_version = max(model.ir_version, new.ir_version)
     log.info("quant: opset %d -> %d", old, MIN_OPSET)
     return old
 

@@ -24,7 +24,8 @@ from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError, Model
 from edgeopt.ir._clone import _clone_node, _copy_value
 
-from .activations import Activations, _OrtModel, _require_calib, run_session
+from .activations import Activations, _require_calib
+from .ort_model import OrtModel, run_session
 
 __all__ = ["ActivationCache"]
 
@@ -314,7 +315,7 @@ class ActivationCache:
         self.nodes_run += len(nodes)
         chunks: dict[str, list[np.ndarray]] = {n: [] for n in todo}
         k = len(self._feeds)
-        with _OrtModel(sub, Activations.INLINE_LIMIT) as exported:
+        with OrtModel(sub, Activations.INLINE_LIMIT) as exported:
             session = exported.session([], {})
             for i in range(len(self._feeds)):
                 if i == k:

@@ -4,10 +4,11 @@ Later passes (importance, recovery, quantization) read these instead of rerunnin
 request them with ``ctx.analysis(Activations)``; the pass manager caches the object until a
 pass modifies the model.
 
-How it runs. The model is exported with :func:`edgeopt.ir.to_proto` (in memory; models whose
-weights pass ``Activations.INLINE_LIMIT`` bytes go to a temporary folder with external data),
-the chosen values are added as extra graph outputs of that copy, and ONNX Runtime (CPU) runs it
-over ``ctx.calib`` in batches. The IR model itself is never touched.
+How it runs. The model is exported once (:class:`~.ort_model.OrtModel`: in memory, weights
+handed to ONNX Runtime without a copy; models whose weights pass ``Activations.INLINE_LIMIT``
+bytes go to a temporary folder with external data), the chosen values are added as extra graph
+outputs of that copy, and ONNX Runtime (CPU) runs it over ``ctx.calib`` in batches. The IR
+model itself is never touched.
 
 Memory bound. Output sizes per sample are taken from shape inference on a clone whose inputs
 are fixed to the calibration shapes (a value whose size cannot be inferred is assumed as large
@@ -55,8 +56,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -66,188 +65,15 @@ from edgeopt import ir
 from edgeopt.ir import DataType, EdgeoptError, Model
 
 from ..calib import CalibrationData, CalibrationError
+from .ort_model import OrtModel, _Taps, run_session
 from .value_stats import ValueStats, Window, _Accumulator, _Extremes, _stride, tap_sums
 
 __all__ = ["Activations", "ValueStats", "Window", "run_session"]
 
-#: What the graph computes for :attr:`Activations.tap_means`: per value, each window with
-#: its tap matrices (:meth:`Window.matrices`) and output positions.
-_Taps = Mapping[str, Sequence[tuple[Window, list[np.ndarray], int]]]
 
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = frozenset({DataType.FLOAT, DataType.FLOAT16, DataType.DOUBLE})
-
-
-
-
-class _OrtModel:
-    """The model exported once for ONNX Runtime; builds sessions that expose chosen values."""
-
-    def __init__(self, model: Model, inline_limit: int) -> None:
-        import onnx
-
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        if _weight_bytes(model) > inline_limit:
-            self._tmp = tempfile.TemporaryDirectory(prefix="edgeopt-activations-")
-            path = os.path.join(self._tmp.name, "model.onnx")
-            ir.save(model, path, external_data=True)
-            self.proto = onnx.load(path, load_external_data=False)
-        else:
-            self.proto = ir.to_proto(model)
-        graph = self.proto.graph
-        self._outputs = list(graph.output)
-        self._sizes = len(graph.node), len(graph.initializer)
-        self.opset = next((o.version for o in self.proto.opset_import
-                           if o.domain in ("", "ai.onnx")), 0)
-
-    def _reset(self) -> Any:
-        """The graph as exported (no added outputs, nodes or initializers)."""
-        graph = self.proto.graph
-        del graph.output[:]
-        graph.output.extend(self._outputs)
-        del graph.node[self._sizes[0]:]
-        del graph.initializer[self._sizes[1]:]
-        return graph
-
-    def session(self, names: Sequence[str], dtypes: Mapping[str, DataType | None]) -> Any:
-        """An ONNX Runtime session whose outputs include ``names``."""
-        graph = self._reset()
-        listed = {o.name for o in self._outputs}
-        for name in names:
-            if name not in listed:
-                vi = graph.output.add(name=name)
-                if dtypes.get(name) is not None:
-                    vi.type.tensor_type.elem_type = int(dtypes[name])  # type: ignore[arg-type]
-        # Basic optimizations only: the values are measured as the graph defines them.
-        return self.load(full=False)
-
-    def light_session(self, names: Sequence[str], strides: Mapping[str, int],
-                      ranks: Mapping[str, int], taps: _Taps | None = None
-                      ) -> tuple[Any, dict[str, dict[str, str]]]:
-        """A session computing light statistics of ``names`` (see the module docs).
-
-        ``strides``: the stride of each value's histogram sample (1: the whole value; no
-        sample for a value missing from it). ``ranks``: the rank of each value whose
-        per-channel means (over every axis but 1) are wanted. ``taps``: per value, windows
-        whose tap sums (:func:`tap_sums`) are computed: ``MatMul`` nodes with the tap
-        matrices, then a ``ReduceSum`` over axis 0 (role ``tap<i>``). Returns the session
-        and, per value, the output holding each :meth:`_Extremes.update` argument or tap sum.
-        """
-        from onnx import helper, numpy_helper
-
-        graph = self._reset()
-        taken = {v.name for v in [*graph.input, *graph.output, *graph.initializer]}
-        taken.update(o for node in graph.node for o in node.output)
-        prefix = "edgeopt_stats"
-        while any(t.startswith(prefix) for t in taken):
-            prefix += "_"
-        consts: dict[str, list[int]] = {"flat": [-1], "zero": [0],
-                                        "end": [np.iinfo(np.int64).max]}
-        consts.update((f"step{k}", [k]) for k in set(strides.values()) if k > 1)
-        consts.update((f"axes{r}", [0, *range(2, r)]) for r in set(ranks.values()))
-        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{prefix}.{k}")
-                                 for k, v in consts.items())
-
-        def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
-            graph.node.append(helper.make_node(op, inputs, [output], **attrs))
-            return output
-
-        c = f"{prefix}."  # the constants
-        outputs: dict[str, dict[str, str]] = {}
-        for i, name in enumerate(names):
-            out = f"{prefix}.{i}."
-            roles = outputs[name] = {
-                "shape": node("Shape", [name], out + "shape"),
-                "lo": node("ReduceMin", [name], out + "lo", keepdims=1),
-                "hi": node("ReduceMax", [name], out + "hi", keepdims=1)}
-            if strides.get(name, 1) > 1:
-                flat = node("Reshape", [name, c + "flat"], out + "flat")
-                roles["sample"] = node("Slice", [flat, c + "zero", c + "end", c + "zero",
-                                                 f"{c}step{strides[name]}"], out + "sample")
-            elif name in strides:
-                roles["sample"] = name
-            if name in ranks:  # axes: an attribute before opset 18, an input from 18 on
-                axes = f"axes{ranks[name]}"
-                roles["channel_mean"] = \
-                    node("ReduceMean", [name, c + axes], out + "mean", keepdims=0) \
-                    if self.opset >= 18 else \
-                    node("ReduceMean", [name], out + "mean", keepdims=0, axes=consts[axes])
-            for j, (_, mats, _) in enumerate((taps or {}).get(name, ())):
-                roles[f"tap{j}"] = self._tap_nodes(name, mats, f"{out}tap{j}.", node)
-        listed = {o.name for o in self._outputs}
-        graph.output.extend(helper.make_empty_tensor_value_info(o) for roles in outputs.values()
-                            for o in roles.values() if o not in listed)
-        return self.load(full=True), outputs
-
-    def _tap_nodes(self, name: str, mats: Sequence[np.ndarray], out: str, node: Any) -> str:
-        """``x @ W.T`` (last spatial axis), ``H @ .`` (the one before), ``ReduceSum`` axis 0.
-
-        ``mats``: one or two tap matrices, in the value's float type.
-        """
-        from onnx import numpy_helper
-
-        init = self.proto.graph.initializer
-        init.append(numpy_helper.from_array(np.ascontiguousarray(mats[-1].T), out + "w"))
-        t = node("MatMul", [name, out + "w"], out + "tw")
-        if len(mats) == 2:
-            init.append(numpy_helper.from_array(mats[0], out + "h"))
-            t = node("MatMul", [out + "h", t], out + "th")
-        if self.opset >= 13:
-            init.append(numpy_helper.from_array(np.array([0], np.int64), out + "axes"))
-            return node("ReduceSum", [t, out + "axes"], out + "sum", keepdims=0)
-        return node("ReduceSum", [t], out + "sum", keepdims=0, axes=[0])
-
-    def load(self, full: bool) -> Any:
-        """An ONNX Runtime session of the graph as it is now (``full``: all optimizations)."""
-        import onnx
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full \
-            else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        src: Any = self.proto.SerializeToString() if self._tmp is None else None
-        if self._tmp is not None:
-            src = os.path.join(self._tmp.name, "exposed.onnx")
-            onnx.save(self.proto, src)
-        try:
-            return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own exception types
-            raise EdgeoptError(f"Activations: ONNX Runtime cannot load the model: "
-                               f"{_first_line(e)}") from None
-
-    def close(self) -> None:
-        """Delete the temporary folder, if any."""
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> _OrtModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def run_session(session: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray],
-                who: str, source: str) -> list[np.ndarray]:
-    """``session.run(names, feeds)``; an ORT failure becomes one EdgeoptError line."""
-    try:
-        return session.run(list(names), dict(feeds))
-    except Exception as e:  # ORT raises its own exception types
-        raise EdgeoptError(f"{who}: ONNX Runtime failed on the calibration data from "
-                           f"{source}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _weight_bytes(model: Model) -> int:
-    return sum(v.const_value.nbytes for g in [model.graph, *model.graph.subgraphs()]
-               for v in g.initializers.values() if v.const_value is not None)
 
 
 def _opset(model: Model) -> int:
@@ -486,7 +312,7 @@ class Activations:
         runs_per_group = math.ceil(calib.num_samples / calib.samples_per_run(batch))
         total, done = len(groups) * runs_per_group, 0
         with contextlib.ExitStack() as stack:
-            exported = stack.enter_context(_OrtModel(self._model, self.INLINE_LIMIT)) \
+            exported = stack.enter_context(OrtModel(self._model, self.INLINE_LIMIT)) \
                 if groups else None  # graph inputs alone need no export
             for group in groups:
                 session = exported.session(group, self._dtypes)  # type: ignore[union-attr]
@@ -522,7 +348,7 @@ class Activations:
         runs_per_group = math.ceil(calib.num_samples / calib.samples_per_run(batch))
         total, done = len(groups) * runs_per_group, 0
         with contextlib.ExitStack() as stack:
-            exported = stack.enter_context(_OrtModel(self._model, self.INLINE_LIMIT)) \
+            exported = stack.enter_context(OrtModel(self._model, self.INLINE_LIMIT)) \
                 if groups else None
             for group in groups:
                 session, outputs = exported.light_session(  # type: ignore[union-attr]
@@ -548,7 +374,7 @@ class Activations:
 
     def _light_outputs(self, names: Sequence[str], batch: int
                        ) -> tuple[dict[str, int], dict[str, int]]:
-        """What :meth:`_OrtModel.light_session` computes for ``names`` in runs of ``batch``.
+        """What :meth:`OrtModel.light_session` computes for ``names`` in runs of ``batch``.
 
         Strides: the histogram sample stride of each value, from its static size in such a
         run; 1 (the whole value) when that is unknown, ``hist_limit`` is None or the opset
@@ -647,7 +473,7 @@ class Activations:
                       data.fixed_batch)[0]
         chunks: dict[str, list[np.ndarray]] = {x: [] for x in names}
         used = 0
-        with _OrtModel(self._model, self.INLINE_LIMIT) as exported:
+        with OrtModel(self._model, self.INLINE_LIMIT) as exported:
             session = exported.session(exposed, self._dtypes) if exposed else None
             for feeds in data.batches(batch):
                 outs = dict(zip(exposed, self._run(session, exposed, feeds), strict=True)) \

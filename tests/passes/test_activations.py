@@ -784,13 +784,13 @@ def test_cache_copies_only_the_nodes_a_request_runs(setup, monkeypatch):
     _, model, calib = setup
     exported = []
 
-    class Spy(activation_cache._OrtModel):
+    class Spy(activation_cache.OrtModel):
         def __init__(self, sub, limit):
             exported.append(([n.op_type for n in sub.graph], sorted(sub.graph.initializers),
                              [v.name for v in sub.graph.inputs]))
             super().__init__(sub, limit)
 
-    monkeypatch.setattr(activation_cache, "_OrtModel", Spy)
+    monkeypatch.setattr(activation_cache, "OrtModel", Spy)
     c = cache(model, calib)
     c.get(["c"])
     got = c.get(["y"])["y"]
