@@ -56,7 +56,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -353,12 +354,8 @@ class Activations:
             for group in groups:
                 session, outputs = exported.light_session(  # type: ignore[union-attr]
                     group, strides, ranks, taps)
-                for i, feeds in enumerate(calib.batches(batch)):
-                    # Past the head, the channel means and tap sums are not fetched.
-                    roles = {name: [r for r in outputs[name] if i < head or not (
-                        r == "channel_mean" or r.startswith("tap"))] for name in group}
-                    fetch = [outputs[name][r] for name in group for r in roles[name]]
-                    got = iter(self._run(session, fetch, feeds))
+                for i, roles, out in self._light_runs(session, outputs, group, batch, head):
+                    got = iter(out)
                     for name in group:
                         parts = {role: next(got) for role in roles[name]}
                         for j in range(len(taps.get(name, ())) if i < head else 0):
@@ -371,6 +368,30 @@ class Activations:
         log.info("Activations: light statistics of %d values over %d samples in %d group(s), "
                  "%d runs", len(names), calib.num_samples, len(groups), self.runs)
         return {n: accs[n].result() for n in names}, [n for n in names if n in bad]
+
+    def _light_runs(self, session: Any, outputs: Mapping[str, Mapping[str, str]],
+                    group: Sequence[str], batch: int, head: int
+                    ) -> Iterator[tuple[int, dict[str, list[str]], list[np.ndarray]]]:
+        """``(run, roles fetched per value, outputs)`` of each run of a light session.
+
+        Past the ``head`` runs, the channel means and tap sums are not fetched. The next run
+        computes in ONNX Runtime (which releases the GIL) while the caller counts this one.
+        """
+        def roles(i: int) -> dict[str, list[str]]:
+            return {name: [r for r in outputs[name] if i < head or not (
+                r == "channel_mean" or r.startswith("tap"))] for name in group}
+
+        with ThreadPoolExecutor(1) as pool:
+            ahead = None
+            for i, feeds in enumerate(self._calib.batches(batch)):
+                fetched = roles(i)
+                job = pool.submit(self._run, session, [outputs[name][r] for name in group
+                                                       for r in fetched[name]], feeds)
+                if ahead is not None:
+                    yield ahead[0], ahead[1], ahead[2].result()
+                ahead = (i, fetched, job)
+            if ahead is not None:
+                yield ahead[0], ahead[1], ahead[2].result()
 
     def _light_outputs(self, names: Sequence[str], batch: int
                        ) -> tuple[dict[str, int], dict[str, int]]:
