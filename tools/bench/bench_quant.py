@@ -53,9 +53,10 @@ interleaved runs, ten times as many for the digits models): the latency ratio in
 and its file size over fp32's.
 
 The tool-speed row: onnx's ``light/light_resnet50.onnx`` after ``edgeopt FILE -p simplify``,
-64 seeded standard-normal samples, ORT MinMax (u8) vs each edgeopt spec; with
-``--speed-repeats N``, N interleaved rounds (ORT, then each spec), reported as medians and
-as the median per-round ratio to ORT.
+64 seeded standard-normal samples, ORT MinMax (u8) vs each edgeopt spec, the spec both as
+the CLI and "in process" (load + optimize + save in a fresh Python, imports not timed, as
+ORT is timed here); with ``--speed-repeats N``, N interleaved rounds (ORT, then each spec),
+reported as medians and as the median per-round ratio to ORT.
 
 Usage::
 
@@ -390,6 +391,32 @@ def edgeopt_quantize(model: str, spec: str, calib_npz: str, out: str
         return wall, float(json.load(f)["seconds"]), None
 
 
+#: Times edgeopt's load + optimize + save in a fresh Python, imports excluded: the terms on
+#: which ``quantize_static`` is timed in this process (its imports happened before).
+_IN_PROCESS = """
+import sys, time
+import edgeopt, edgeopt.passes
+path, spec, npz, out = sys.argv[1:]
+t = time.perf_counter()
+model = edgeopt.load(path)
+edgeopt.optimize(model, spec, calib=npz)
+edgeopt.save(model, out)
+print(time.perf_counter() - t)
+"""
+
+
+def edgeopt_in_process(model: str, spec: str, calib_npz: str, out: str
+                       ) -> tuple[float | None, None, str | None]:
+    """(seconds of load + optimize + save, None, error line or None), imports excluded."""
+    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS, model, spec, calib_npz, out],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()] or [f"exit "
+                                                                          f"{proc.returncode}"]
+        return None, None, lines[-1].strip()
+    return float(proc.stdout.split()[-1]), None, None
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 
@@ -456,6 +483,9 @@ def bench_edgeopt(task: Task, spec: str, ref: np.ndarray, args: argparse.Namespa
 def tool_speed(args: argparse.Namespace, workdir: str) -> list[dict[str, Any]]:
     """ORT MinMax vs edgeopt on the simplified light ResNet-50 with 64 random samples.
 
+    edgeopt is timed twice per spec: as the CLI (Python start-up, imports, loading the
+    calibration file and the model, saving) and "in process": load + optimize + save in a
+    fresh Python whose imports are not timed, as ``quantize_static`` is timed here.
     ``--speed-repeats`` rounds, each running ORT then every spec (interleaved, so load from
     elsewhere on the machine hits all of them alike); a row holds the median seconds and the
     median over rounds of the spec's seconds over ORT's in the same round.
@@ -476,6 +506,8 @@ def tool_speed(args: argparse.Namespace, workdir: str) -> list[dict[str, Any]]:
         for spec in args.edgeopt:
             log(f"resnet50: round {i + 1}: edgeopt {spec}")
             got[f"edgeopt `{spec}`"] = edgeopt_quantize(path, spec, npz, path + ".edgeopt.onnx")
+            got[f"edgeopt `{spec}` in process"] = edgeopt_in_process(
+                path, spec, npz, path + ".edgeopt.onnx")
         rounds.append(got)
     return [_speed_row(label, rounds) for label in rounds[0]]
 
