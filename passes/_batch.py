@@ -10,7 +10,8 @@ batch size, and checks the rewrite or refuses it:
 * a constant ``Reshape`` shape (initializer or ``Constant``) starting with 1 starts with 0
   instead ("copy the input's dim", which is now the batch);
 * ONNX shape inference (with data propagation, so that shapes computed by ``Shape``,
-  ``Gather``, ``Concat``... follow the batch) then runs on the copy, and every value
+  ``Gather``, ``Concat``... follow the batch; ``Reshape(x, Shape(v))`` takes ``v``'s shape,
+  which inference does not see) then runs on the copy, and every value
   computed from the data inputs (except through ``Shape``/``Size``, whose outputs describe
   a value, not a sample) must have :data:`BATCH` as its first dim: a value whose batch
   moved or vanished (a Transpose of axis 0, a reduction over it, a Reshape that folds it
@@ -123,9 +124,17 @@ def _batch_kept(graph: object, inputs: set[str], opset: int) -> str:
     """Why a value computed from ``inputs`` lost its batch dim or mixes samples, or ''."""
     shapes = {vi.name: vi.type.tensor_type for vi in
               [*graph.input, *graph.value_info, *graph.output]}  # type: ignore[attr-defined]
+    # Reshape(x, Shape(v)) gives x the shape of v, whose batch dim was checked: ONNX inference
+    # does not follow a symbolic dim through Shape into Reshape (the version converter writes
+    # this after every opset < 13 Softmax).
+    shape_of = {n.output[0]: n.input[0] for n in graph.node  # type: ignore[attr-defined]
+                if n.op_type == "Shape" and not n.attribute}
     per_sample = set(inputs)
     for node in graph.node:  # type: ignore[attr-defined]
         if node.op_type in ("Shape", "Size") or not per_sample.intersection(node.input):
+            continue
+        if node.op_type == "Reshape" and shape_of.get(node.input[1]) in per_sample:
+            per_sample.add(node.output[0])
             continue
         label = f"{node.op_type} {node.name or node.output[0]!r}"
         if node.op_type in ("Conv", "ConvTranspose", "Einsum") and \

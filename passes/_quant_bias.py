@@ -155,7 +155,8 @@ def _one_run_blocker(model: Model, todo: list[Node], want: dict[Node, np.ndarray
                 out.dtype not in (DataType.FLOAT, DataType.FLOAT16):
             return f"the output of {node.op_type} {node.name or out.name!r} has no known " \
                    f"float type and shape with {len(want[node])} channels"
-    peak = _peak_bytes(model, data) * data.num_samples
+    per_sample, fixed = _peak_bytes(model, data)
+    peak = per_sample * data.num_samples + fixed
     if peak > GRAPH_BYTES:
         return f"{data.num_samples} samples at once would take about {peak / 2**20:.1f} MiB " \
                f"(more than {GRAPH_BYTES / 2**20:.1f} MiB)"
@@ -218,12 +219,14 @@ def _instrument(proto: object, todo: list[Node], want: dict[Node, np.ndarray],
     return outputs
 
 
-def _peak_bytes(model: Model, data: CalibrationData) -> int:
-    """Most bytes of main-graph values alive at once for one sample (an estimate).
+def _peak_bytes(model: Model, data: CalibrationData) -> tuple[int, int]:
+    """(Most bytes of main-graph values alive at once for one sample, constant bytes).
 
-    Sizes come from the IR's shapes (a symbolic first dim counts as one sample; a value
-    without a shape, such as a QuantizeLinear output, as large as its first input), else
-    from shape inference on a copy with the inputs fixed to one sample.
+    The constant bytes are those of the values computed from constants alone (dequantized
+    weights: one copy for any batch). Sizes come from the IR's shapes (a symbolic first dim
+    counts as one sample; a value without a shape, such as a QuantizeLinear output, as
+    large as its first input), else from shape inference on a copy with the inputs fixed to
+    one sample. An estimate.
     """
     sizes = _ir_sizes(model)
     if sizes is None:
@@ -232,16 +235,21 @@ def _peak_bytes(model: Model, data: CalibrationData) -> int:
                  if t is not None and t.bitwidth and ir.shape_is_static(s)}
         largest = max(known.values(), default=0)
         sizes = {n: known.get(n, largest) for n in info}
+    fixed: set[str] = set()  # computed from constants alone
+    for node in model.graph:
+        if all(v is None or v.const_value is not None or v.name in fixed for v in node.inputs):
+            fixed.update(o.name for o in node.outputs if o.name)
     last: dict[str, int] = {}
     for i, node in enumerate(model.graph):
         last.update((v.name, i) for v in node.inputs if v is not None)
     live = peak = 0
     for i, node in enumerate(model.graph):
-        live += sum(sizes.get(o.name, 0) for o in node.outputs if o.name)
+        live += sum(sizes.get(o.name, 0) for o in node.outputs if o.name and o.name not in fixed)
         peak = max(peak, live)
         live -= sum(sizes.get(v.name, 0) for v in set(node.inputs)
-                    if v is not None and last.get(v.name) == i and v.producer() is not None)
-    return peak
+                    if v is not None and last.get(v.name) == i and v.producer() is not None
+                    and v.name not in fixed)
+    return peak, sum(sizes.get(name, 0) for name in fixed)
 
 
 def _ir_sizes(model: Model) -> dict[str, int] | None:

@@ -127,3 +127,19 @@ def test_a_shape_computed_at_run_time_follows_the_batch():
     assert _unfix(proto) == ""
     x = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
     np.testing.assert_array_equal(run_ort(proto, {"x": x})[0], x.reshape(3, 4))
+
+
+def test_a_reshape_to_the_shape_of_a_sample_value_keeps_the_batch():
+    # What the version converter writes for an opset < 13 Softmax: inference cannot give the
+    # Reshape a shape, but it is the shape of x, whose batch dim is known.
+    proto = _graph("""s = Shape(x)
+  f = Flatten(x)
+  m = Softmax(f)
+  y = Reshape(m, s)""", x="float[1,3,2] x")
+    assert _unfix(proto) == ""
+    x = np.random.default_rng(0).standard_normal((4, 3, 2)).astype(np.float32)
+    want = np.concatenate([run_ort(_graph("""s = Shape(x)
+  f = Flatten(x)
+  m = Softmax(f)
+  y = Reshape(m, s)""", x="float[1,3,2] x"), {"x": x[i:i + 1]})[0] for i in range(4)])
+    np.testing.assert_allclose(run_ort(proto, {"x": x})[0], want, rtol=1e-6)

@@ -107,4 +107,24 @@ def test_the_memory_estimate_from_ir_shapes_equals_shape_inference(name, monkeyp
     assert bias._ir_sizes(model) is not None
     fast = bias._peak_bytes(model, data)
     monkeypatch.setattr(bias, "_ir_sizes", lambda m: None)
-    assert fast == bias._peak_bytes(model, data) > 0
+    assert fast == bias._peak_bytes(model, data) and min(fast) > 0
+
+
+def test_dequantized_weights_count_once_not_per_sample():
+    # AlexNet-like: a 16 MiB weight and 8 KiB activations. Counted per sample, 16 samples
+    # would pass the one-run budget; the weight is dequantized once whatever the batch.
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32) * 0.02
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+         helper.make_node("Relu", ["h"], ["y"])], "fc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2048])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(2048, np.float32), "b")])
+    make = lambda: ir.from_proto(helper.make_model(  # noqa: E731
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    n, _, model = _quantize(make, _calib)
+    assert n == 1
+    per_sample, fixed = bias._peak_bytes(model, _calib(model).subset(bias.BIAS_SAMPLES))
+    assert per_sample < 64 << 10 and fixed >= 2048 * 2048 * 4
