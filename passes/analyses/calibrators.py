@@ -251,8 +251,7 @@ def mse(stats: ValueStats, *, qmin: int, qmax: int, symmetric: bool) -> tuple[fl
     model = _ErrorModel(stats)
     lo, hi = _bounds(stats)
     span = 2 * max(-lo, hi) if symmetric else hi - lo
-    zps = np.array([0 if qmin < 0 else (qmin + qmax + 1) // 2]) if symmetric else \
-        np.arange(qmin, qmax + 1)
+    zps = _zero_points(stats, qmin, qmax, symmetric)
 
     def best(steps: np.ndarray) -> tuple[int, int]:
         """(step index, zero-point index) of the cheapest pair."""
@@ -270,6 +269,23 @@ def mse(stats: ValueStats, *, qmin: int, qmax: int, symmetric: bool) -> tuple[fl
                                                  (qmax - zps[j]) * steps[i])
         steps = np.linspace(steps[max(i - 1, 0)], steps[min(i + 1, len(steps) - 1)], 16)
     return found
+
+
+def _zero_points(stats: ValueStats, qmin: int, qmax: int, symmetric: bool) -> np.ndarray:
+    """The zero points :func:`mse` tries.
+
+    Symmetric: the middle one. Data that is never negative (a Relu's output): ``qmin`` alone,
+    and never positive: ``qmax``; for any step, another zero point only moves range from
+    where data is to where there is none (the grid, multiples of the step, is the same), so
+    it cannot cost less. Otherwise every one.
+    """
+    if symmetric:
+        return np.array([0 if qmin < 0 else (qmin + qmax + 1) // 2])
+    if stats.min >= 0:
+        return np.array([qmin])
+    if stats.max <= 0:
+        return np.array([qmax])
+    return np.arange(qmin, qmax + 1)
 
 
 class _ErrorModel:

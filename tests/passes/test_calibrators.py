@@ -296,3 +296,19 @@ def test_mse_beats_minmax_and_matches_a_brute_force_search(x, dtype, symmetric):
     ours = quant_mse(x, *run(stats, "mse", dtype, symmetric), dtype, symmetric)
     assert ours <= quant_mse(x, *run(stats, "minmax", dtype, symmetric), dtype, symmetric)
     assert ours <= 1.02 * brute_force_mse(x, dtype, symmetric)
+
+
+@pytest.mark.parametrize("dtype", [INT8, DataType.UINT8])
+@pytest.mark.parametrize("x", [RELU, DEAD_RELU, -RELU], ids=["relu", "dead-relu", "negative"])
+def test_mse_on_one_signed_data_tries_one_zero_point_and_finds_the_full_searchs_range(
+        x, dtype, monkeypatch):
+    from edgeopt.passes.analyses import calibrators
+
+    stats = stats_of(x[:50_000])
+    qmin, qmax = type_range(dtype)
+    assert calibrators._zero_points(stats, qmin, qmax, False).tolist() == \
+        [qmin if x.min() >= 0 else qmax]
+    fast = run(stats, "mse", dtype)
+    monkeypatch.setattr(calibrators, "_zero_points",
+                        lambda s, lo, hi, sym: np.arange(lo, hi + 1))
+    assert fast == run(stats, "mse", dtype)
