@@ -13,6 +13,7 @@ from ._export import to_proto
 from ._graph import Graph, Model
 from ._import import from_proto
 from ._node import Attr, AttrType, Node
+from ._skeleton import proto_skeleton
 from ._tensor import (
     ArrayTensor,
     ExternalTensor,
@@ -56,6 +57,7 @@ __all__ = [
     "from_proto",
     "infer_shapes",
     "load",
+    "proto_skeleton",
     "quant_params",
     "save",
     "shape_is_static",

@@ -367,7 +367,7 @@ def from_proto(proto: onnx.ModelProto, base_dir: str | None = None,
         label: file name to start error messages with.
         tensors: data of main-graph initializers and ``Constant`` nodes (by output name),
             used instead of the proto's: for data-less stubs (:func:`~edgeopt.ir.to_proto`'s
-            ``deferred``, :func:`~edgeopt.passes._util.proto_skeleton`); their type and dims
+            ``deferred``, :func:`~edgeopt.ir.proto_skeleton`); their type and dims
             must be the proto's.
 
     Raises:

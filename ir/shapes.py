@@ -17,6 +17,7 @@ from ._errors import EdgeoptError
 from ._export import ExternalWriter, to_proto
 from ._graph import Graph, Model
 from ._import import parse_type
+from ._skeleton import proto_skeleton
 from ._tensor import Tensor
 from ._types import DataType
 from ._value import Value
@@ -100,7 +101,8 @@ def infer_shapes(model: Model, data_prop: bool = True, refine_symbolic: bool = F
     Raises:
         EdgeoptError: ONNX inference rejected the model (the message says why).
     """
-    proto = to_proto(model, _Placeholders())
+    # Weights are placeholders; IR < 4 models write them as Constant nodes, stripped here.
+    proto = proto_skeleton(to_proto(model, _Placeholders()))[0]
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
                                                      data_prop=data_prop)

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ._util import proto_skeleton
+from edgeopt.ir import proto_skeleton
 
 __all__ = ["BATCH", "unfix_batch"]
 

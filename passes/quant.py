@@ -40,7 +40,6 @@ from ._util import (
     as_tensor,
     constant_tensor,
     default_opset,
-    proto_skeleton,
 )
 from .analyses.activations import Activations, ValueStats, _require_calib
 from .analyses.calibrators import calibrate, list_calibrators
@@ -147,7 +146,7 @@ def _ensure_opset(model: Model) -> int:
     # from IR 4 on weights are written as initializers, which to_proto stubs without a copy.
     old_ir, model.ir_version = model.ir_version, max(model.ir_version, 7)
     try:
-        src, stripped = proto_skeleton(ir.to_proto(model, value_info="file", deferred={}))
+        src, stripped = ir.proto_skeleton(ir.to_proto(model, value_info="file", deferred={}))
         proto = version_converter.convert_version(src, MIN_OPSET)
     except Exception as e:  # the converter raises bare RuntimeErrors
         model.ir_version = old_ir

@@ -9,8 +9,8 @@ from conftest import run_ort
 from onnx import helper, numpy_helper
 
 from edgeopt import ir
-from edgeopt.ir import ModelLoadError
-from edgeopt.passes._util import STUB_BYTES, proto_skeleton
+from edgeopt.ir import ModelLoadError, proto_skeleton
+from edgeopt.ir._skeleton import STUB_BYTES
 from edgeopt.passes.quant import _ensure_opset
 
 RNG = np.random.default_rng(0)
