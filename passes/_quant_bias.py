@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from edgeopt import ir
-from edgeopt.ir import DataType, Model, Node
+from edgeopt.ir import DataType, EdgeoptError, Model, Node
 from edgeopt.ir.quant import dequantize, quantize
 
 from ._base import Context
@@ -115,7 +115,8 @@ def _one_run(model: Model, todo: list[Node], want: dict[Node, np.ndarray],
              data: CalibrationData) -> dict[Node, np.ndarray] | None:
     """Every layer's bias shift from one run of an instrumented copy (module docs).
 
-    None when the copy cannot run all the samples in one batch (the reason is logged).
+    None when the copy cannot run all the samples in one batch, or ONNX Runtime fails on it
+    (the reason is logged).
     """
     why = _one_run_blocker(model, todo, want, data)
     with OrtModel(model, Activations.INLINE_LIMIT) as exported:
@@ -126,9 +127,14 @@ def _one_run(model: Model, todo: list[Node], want: dict[Node, np.ndarray],
             return None
         steps = {node: _bias_step(node, len(want[node])) for node in todo}
         outputs = _instrument(exported.proto, todo, want, steps)
-        session = exported.load(full=False)  # the graph as it is defined, as level by level
-        got = run_session(session, outputs, data.arrays, "quant: bias correction",
-                          data.source)
+        try:
+            session = exported.load(full=False)  # the graph as defined, as level by level
+            got = run_session(session, outputs, data.arrays, "quant: bias correction",
+                              data.source)
+        except EdgeoptError as e:  # e.g. memory: the level sub-models need less at once
+            log.warning("quant: bias correction goes level by level: the one run failed: %s",
+                        e)
+            return None
     log.info("quant: bias correction of %d layers in one run of %d samples", len(todo),
              data.num_samples)
     return {node: np.asarray(q, np.float64).reshape(-1) * steps[node] / _bias_gain(node)

@@ -128,3 +128,22 @@ def test_dequantized_weights_count_once_not_per_sample():
     assert n == 1
     per_sample, fixed = bias._peak_bytes(model, _calib(model).subset(bias.BIAS_SAMPLES))
     assert per_sample < 64 << 10 and fixed >= 2048 * 2048 * 4
+
+
+def test_a_failed_run_goes_level_by_level(monkeypatch, caplog):
+    make, calib_of = MODELS["resnet"]
+    _, want, _ = _quantize(make, calib_of)
+    real = bias.run_session
+
+    def failing(session, names, feeds, who, source):
+        if who == "quant: bias correction":
+            raise ir.EdgeoptError(f"{who}: ONNX Runtime failed on the calibration data from "
+                                  f"{source}: out of memory")
+        return real(session, names, feeds, who, source)
+
+    monkeypatch.setattr(bias, "run_session", failing)
+    with caplog.at_level(logging.INFO, logger="edgeopt.passes._quant_bias"):
+        n, got, _ = _quantize(make, calib_of)
+    assert FALLBACK + "the one run failed: quant: bias correction: ONNX Runtime failed on " \
+        "the calibration data from <arrays>: out of memory" in caplog.messages
+    assert n == len(want) and all(np.abs(got[k] - want[k]).max() <= 1 for k in want)
