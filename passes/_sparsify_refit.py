@@ -34,11 +34,12 @@ import numpy as np
 from edgeopt.ir import Model, Node
 
 from ._base import Context
+from ._layer_ops import LayerSpec
 from ._prune_recover import _chunks, _set_bias
 from ._util import NameGen, as_tensor, levels, replace_constant_input
 from .analyses.activation_cache import ActivationCache
 from .analyses.activations import Activations
-from .recovery import RIDGES, LayerSpec, _Design, _Moments, _one_blas_thread, _row_source, _split
+from .recovery import RIDGES, _Design, _Moments, _one_blas_thread, _row_source, _split
 
 __all__ = ["LayerInputs", "RefitLayer", "refit_layer", "refit_layers", "refit_sequential"]
 

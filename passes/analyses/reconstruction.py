@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..recovery import LayerSpec, im2col
+from .._layer_ops import LayerSpec, im2col
 from .importance import (
     CriterionOptions,
     ImportanceError,
