@@ -250,7 +250,10 @@ class ChannelGroups:
     """
 
     def __init__(self, model: Model, ctx: Any = None) -> None:
-        from edgeopt.passes import _prune_rules  # noqa: F401  (registers the built-in rules)
+        from edgeopt.passes import (  # noqa: F401  (they register the built-in rules)
+            _prune_rules,
+            _prune_rules_layout,
+        )
 
         env = _Env(model)
         env.run(model.graph)
