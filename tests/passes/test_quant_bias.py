@@ -45,9 +45,17 @@ def _outputs(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return np.concatenate([run_ort(proto, {name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
+def _opset(proto, version: int):
+    """The same model declared at another opset (its operators mean the same there)."""
+    proto.opset_import[0].version = version
+    return proto
+
+
 MODELS = {
     # static batch 1: the one run goes through unfix_batch
     "resnet": (lambda: ir.from_proto(resnet()), _calib),
+    # opset 18 on: ReduceMean takes its axes as an input
+    "resnet opset 19": (lambda: ir.from_proto(_opset(resnet(), 19)), _calib),
     "mobilenetv2": (lambda: ir.from_proto(mobilenetv2()), _calib),
     "cnn": (lambda: ir.from_proto(cnn()), _calib),
     # a dynamic batch: fed as it is
