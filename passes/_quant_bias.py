@@ -11,15 +11,15 @@ already corrected, so no shift is corrected twice.
   times its input's per-channel, per-kernel-tap means (:attr:`Activations.tap_means`,
   reduced inside ONNX Runtime in the run that measures the ranges), plus its bias.
 * **Quantized means, in one run** (:func:`correct_biases`): an exported copy of the quantized
-  model gets, after each corrected layer's output ``y``, ``d = want - ReduceMean(y)`` (over
-  every axis but the channels) and ``y + d`` in place of ``y`` for its readers, and runs once
-  on all the samples in one batch. Every layer's mean is then taken with the layers
-  upstream corrected, exactly as level-by-level correction does, in one pass (the inserted
-  ``d`` is the float shift; the int32 bias rounds it by at most half a bias step). A model
+  model gets, after each corrected layer's output ``y``, ``q = Round((want - ReduceMean(y)) /
+  step)`` (the mean over every axis but the channels; ``step`` what one int32 bias step adds)
+  and ``y + q * step`` in place of ``y`` for its readers, and runs once on all the samples in
+  one batch. Every layer's mean is then taken with the layers upstream corrected and rounded
+  as their int32 biases will be, as level-by-level correction does, in one pass. A model
   whose batch is fixed to 1 runs as a batch-polymorphic copy (:func:`._batch.unfix_batch`).
-* **Level by level**, when the batch cannot be unfixed, the samples are fed one per run, or
-  one batch of them would not fit in :data:`GRAPH_BYTES`: the layers are corrected level by
-  level through an incremental activation cache
+* **Level by level**, when the batch cannot be unfixed, the samples are fed one per run, one
+  batch of them would not fit in :data:`GRAPH_BYTES`, or ONNX Runtime fails on the one run:
+  the layers are corrected level by level through an incremental activation cache
   (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`), one sub-model run per
   level and batch.
 """
@@ -119,14 +119,16 @@ def _one_run(model: Model, todo: list[Node], want: dict[Node, np.ndarray],
     (the reason is logged).
     """
     why = _one_run_blocker(model, todo, want, data)
+    if why:  # before exporting: nothing to undo
+        log.info("quant: bias correction goes level by level: %s", why)
+        return None
     with OrtModel(model, Activations.INLINE_LIMIT) as exported:
-        if not why and data.fixed_batch == 1:
-            why = unfix_batch(exported.proto, data.input_names)
+        why = unfix_batch(exported.proto, data.input_names) if data.fixed_batch == 1 else ""
         if why:
             log.info("quant: bias correction goes level by level: %s", why)
             return None
         steps = {node: _bias_step(node, len(want[node])) for node in todo}
-        outputs = _instrument(exported.proto, todo, want, steps)
+        outputs = _instrument(exported, todo, want, steps)
         try:
             session = exported.load(full=False)  # the graph as defined, as level by level
             got = run_session(session, outputs, data.arrays, "quant: bias correction",
@@ -169,25 +171,20 @@ def _one_run_blocker(model: Model, todo: list[Node], want: dict[Node, np.ndarray
     return ""
 
 
-def _instrument(proto: object, todo: list[Node], want: dict[Node, np.ndarray],
+def _instrument(exported: OrtModel, todo: list[Node], want: dict[Node, np.ndarray],
                 steps: dict[Node, np.ndarray]) -> list[str]:
     """After each layer's output ``y``, its bias shift in int32 steps, and ``y`` shifted.
 
     ``q = Round((want - ReduceMean(y)) / step)``, and ``y + q * step`` replaces ``y`` for its
     readers: the shift the int32 bias will get, rounded as it will be (the rounding of one
     layer's bias moves the means of the layers after it, which are measured with it).
-    Returns the names of the ``q`` values, in the order of ``todo``, added as graph outputs.
+    ``exported``'s proto is edited. Returns the names of the ``q`` values, in the order of
+    ``todo``, added as graph outputs.
     """
     from onnx import helper, numpy_helper
 
-    graph = proto.graph  # type: ignore[attr-defined]
-    opset = next((o.version for o in proto.opset_import  # type: ignore[attr-defined]
-                  if o.domain in ("", "ai.onnx")), 0)
-    taken = {v.name for v in [*graph.input, *graph.output, *graph.initializer]}
-    taken.update(o for node in graph.node for o in node.output)
-    prefix = "edgeopt_bias"
-    while any(t.startswith(prefix) for t in taken):
-        prefix += "_"
+    graph, opset = exported.proto.graph, exported.opset
+    prefix = exported.free_prefix("edgeopt_bias")
     index = {node.outputs[0].name: i for i, node in enumerate(todo)}
     nodes = list(graph.node)
     del graph.node[:]

@@ -89,6 +89,19 @@ class OrtModel:
                                ("length", str(tensor.nbytes))):
                 t.external_data.add(key=key, value=value)
 
+    def free_prefix(self, base: str) -> str:
+        """``base``, with ``_`` added until no name in the exported graph starts with it.
+
+        Names made of it and a suffix never clash with the model's, whatever is added.
+        """
+        graph = self.proto.graph
+        taken = {v.name for v in [*graph.input, *graph.output, *graph.initializer]}
+        taken.update(o for node in graph.node for o in node.output)
+        prefix = base
+        while any(t.startswith(prefix) for t in taken):
+            prefix += "_"
+        return prefix
+
     def _reset(self) -> Any:
         """The graph as exported (no added outputs, nodes or initializers)."""
         graph = self.proto.graph
@@ -125,11 +138,7 @@ class OrtModel:
         from onnx import helper, numpy_helper
 
         graph = self._reset()
-        taken = {v.name for v in [*graph.input, *graph.output, *graph.initializer]}
-        taken.update(o for node in graph.node for o in node.output)
-        prefix = "edgeopt_stats"
-        while any(t.startswith(prefix) for t in taken):
-            prefix += "_"
+        prefix = self.free_prefix("edgeopt_stats")
         consts: dict[str, list[int]] = {"flat": [-1], "zero": [0],
                                         "end": [np.iinfo(np.int64).max]}
         consts.update((f"step{k}", [k]) for k in set(strides.values()) if k > 1)
