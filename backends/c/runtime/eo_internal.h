@@ -91,10 +91,35 @@ static inline void eo_i_csr_col(int32_t col, int32_t icg, int32_t *tap, int32_t 
     *ic = col - *tap * icg;
 }
 
-/* The window of one pooled output, clipped to the image: [y0, y1) x [x0, x1) in input rows. */
+/* A rectangle [y0, y1) x [x0, x1): input rows and columns (pooling) or kernel taps (conv). */
 typedef struct {
     int32_t y0, y1, x0, x1;
 } eo_window;
+
+/* Taps k in [first, end) of a kernel of k_n taps, dilation dil, whose input i0 + k * dil lies
+ * in [0, n): the window of one output with the padding clipped away (empty when first >= end). */
+static inline int32_t eo_i_first_tap(int32_t i0, int32_t dil)
+{
+    return i0 >= 0 ? 0 : (-i0 + dil - 1) / dil;
+}
+
+static inline int32_t eo_i_end_tap(int32_t i0, int32_t dil, int32_t k_n, int32_t n)
+{
+    const int32_t end = i0 > n - 1 ? 0 : (n - 1 - i0) / dil + 1;
+    return end < k_n ? end : k_n;
+}
+
+/* The kernel taps of the conv output whose input origin is (iy0, ix0) that read the image,
+ * not padding. */
+static inline eo_window eo_i_conv_taps(const eo_conv_params *p, int32_t iy0, int32_t ix0)
+{
+    eo_window t;
+    t.y0 = eo_i_first_tap(iy0, p->dil_h);
+    t.y1 = eo_i_end_tap(iy0, p->dil_h, p->k_h, p->in_h);
+    t.x0 = eo_i_first_tap(ix0, p->dil_w);
+    t.x1 = eo_i_end_tap(ix0, p->dil_w, p->k_w, p->in_w);
+    return t;
+}
 
 static inline eo_window eo_i_pool_window(const eo_pool_params *p, int32_t oy, int32_t ox)
 {

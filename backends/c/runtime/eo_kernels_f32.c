@@ -12,25 +12,20 @@ typedef struct {
     const eo_csr *csr;
 } eo_wf32;
 
+/* t: the taps of this output position that read the image (eo_i_conv_taps). */
 static float eo_conv_acc_dense_f32(const eo_conv_params *p, const float *in, const float *w_row,
-                                   int32_t b, int32_t iy0, int32_t ix0, int32_t ic0)
+                                   int32_t b, int32_t iy0, int32_t ix0, const eo_window *t,
+                                   int32_t ic0)
 {
     const int32_t icg = p->in_c / p->groups;
     float acc = 0.0f;
     int32_t ky, kx, ic;
-    for (ky = 0; ky < p->k_h; ++ky) {
+    for (ky = t->y0; ky < t->y1; ++ky) {
         const int32_t iy = iy0 + ky * p->dil_h;
-        if (iy < 0 || iy >= p->in_h) {
-            continue;
-        }
-        for (kx = 0; kx < p->k_w; ++kx) {
-            const int32_t ix = ix0 + kx * p->dil_w;
-            const float *x, *wk;
-            if (ix < 0 || ix >= p->in_w) {
-                continue;
-            }
-            x = in + eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) + ic0;
-            wk = w_row + (ky * p->k_w + kx) * icg;
+        for (kx = t->x0; kx < t->x1; ++kx) {
+            const float *x = in + eo_i_nhwc(b, iy, ix0 + kx * p->dil_w, p->in_h, p->in_w,
+                                            p->in_c) + ic0;
+            const float *wk = w_row + (ky * p->k_w + kx) * icg;
             for (ic = 0; ic < icg; ++ic) {
                 acc += wk[ic] * x[ic];
             }
@@ -71,12 +66,13 @@ static void eo_conv_any_f32(const eo_conv_params *p, const float *in, eo_wf32 w,
             for (ox = 0; ox < p->out_w; ++ox) {
                 const int32_t iy0 = oy * p->stride_h - p->pad_top;
                 const int32_t ix0 = ox * p->stride_w - p->pad_left;
+                const eo_window t = eo_i_conv_taps(p, iy0, ix0);
                 for (oc = 0; oc < p->out_c; ++oc) {
                     const int32_t ic0 = (oc / ocg) * icg;
                     float acc = w.csr != 0
                                     ? eo_conv_acc_csr_f32(p, in, w.csr, oc, b, iy0, ix0, ic0)
                                     : eo_conv_acc_dense_f32(p, in, w.dense + oc * row, b, iy0,
-                                                            ix0, ic0);
+                                                            ix0, &t, ic0);
                     acc += bias != 0 ? bias[oc] : 0.0f;
                     *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
                 }
@@ -113,17 +109,15 @@ void eo_depthwise_conv_f32(const eo_conv_params *p, const float *in, const float
             for (ox = 0; ox < p->out_w; ++ox) {
                 const int32_t iy0 = oy * p->stride_h - p->pad_top;
                 const int32_t ix0 = ox * p->stride_w - p->pad_left;
+                const eo_window t = eo_i_conv_taps(p, iy0, ix0);
                 for (oc = 0; oc < p->out_c; ++oc) {
                     float acc = bias != 0 ? bias[oc] : 0.0f;
-                    for (ky = 0; ky < p->k_h; ++ky) {
+                    for (ky = t.y0; ky < t.y1; ++ky) {
                         const int32_t iy = iy0 + ky * p->dil_h;
-                        for (kx = 0; kx < p->k_w && iy >= 0 && iy < p->in_h; ++kx) {
-                            const int32_t ix = ix0 + kx * p->dil_w;
-                            if (ix >= 0 && ix < p->in_w) {
-                                acc += w[(ky * p->k_w + kx) * p->out_c + oc] *
-                                       in[eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) +
-                                          oc / m];
-                            }
+                        for (kx = t.x0; kx < t.x1; ++kx) {
+                            acc += w[(ky * p->k_w + kx) * p->out_c + oc] *
+                                   in[eo_i_nhwc(b, iy, ix0 + kx * p->dil_w, p->in_h, p->in_w,
+                                                p->in_c) + oc / m];
                         }
                     }
                     *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);

@@ -31,25 +31,20 @@ static int8_t eo_requant_out(int32_t acc, const int32_t *bias, int32_t c, const 
     return (int8_t)eo_i_clamp(acc, lo, hi);
 }
 
-/* Dense accumulation of one output channel at one output position (input origin iy0, ix0). */
+/* Dense accumulation of one output channel at one output position (input origin iy0, ix0;
+ * t: its taps that read the image, eo_i_conv_taps). */
 static int32_t eo_conv_acc_s8(const eo_conv_params *p, const int8_t *in, const int8_t *w_row,
-                              int32_t b, int32_t iy0, int32_t ix0, int32_t ic0)
+                              int32_t b, int32_t iy0, int32_t ix0, const eo_window *t,
+                              int32_t ic0)
 {
     const int32_t icg = p->in_c / p->groups;
     int32_t acc = 0, ky, kx, ic;
-    for (ky = 0; ky < p->k_h; ++ky) {
+    for (ky = t->y0; ky < t->y1; ++ky) {
         const int32_t iy = iy0 + ky * p->dil_h;
-        if (iy < 0 || iy >= p->in_h) {
-            continue;
-        }
-        for (kx = 0; kx < p->k_w; ++kx) {
-            const int32_t ix = ix0 + kx * p->dil_w;
-            const int8_t *x, *wk;
-            if (ix < 0 || ix >= p->in_w) {
-                continue;
-            }
-            x = in + eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) + ic0;
-            wk = w_row + (ky * p->k_w + kx) * icg;
+        for (kx = t->x0; kx < t->x1; ++kx) {
+            const int8_t *x = in + eo_i_nhwc(b, iy, ix0 + kx * p->dil_w, p->in_h, p->in_w,
+                                             p->in_c) + ic0;
+            const int8_t *wk = w_row + (ky * p->k_w + kx) * icg;
             for (ic = 0; ic < icg; ++ic) {
                 acc += (int32_t)wk[ic] * ((int32_t)x[ic] + p->in_offset);
             }
@@ -69,8 +64,9 @@ void eo_conv_s8(const eo_conv_params *p, const int8_t *in, const int8_t *w, cons
             for (ox = 0; ox < p->out_w; ++ox) {
                 const int32_t iy0 = oy * p->stride_h - p->pad_top;
                 const int32_t ix0 = ox * p->stride_w - p->pad_left;
+                const eo_window t = eo_i_conv_taps(p, iy0, ix0);
                 for (oc = 0; oc < p->out_c; ++oc) {
-                    const int32_t acc = eo_conv_acc_s8(p, in, w + oc * row, b, iy0, ix0,
+                    const int32_t acc = eo_conv_acc_s8(p, in, w + oc * row, b, iy0, ix0, &t,
                                                        (oc / ocg) * icg);
                     *out++ = eo_requant_out(acc, bias, oc, mult, shift, p->out_offset,
                                             p->act_min, p->act_max);
@@ -80,23 +76,18 @@ void eo_conv_s8(const eo_conv_params *p, const int8_t *in, const int8_t *w, cons
     }
 }
 
-/* Depthwise accumulation of output channel oc (input channel oc / multiplier). */
+/* Depthwise accumulation of output channel oc (input channel oc / multiplier; t as for
+ * eo_conv_acc_s8). */
 static int32_t eo_dw_acc_s8(const eo_conv_params *p, const int8_t *in, const int8_t *w,
-                            int32_t b, int32_t iy0, int32_t ix0, int32_t oc, int32_t ic)
+                            int32_t b, int32_t iy0, int32_t ix0, const eo_window *t, int32_t oc,
+                            int32_t ic)
 {
     int32_t acc = 0, ky, kx;
-    for (ky = 0; ky < p->k_h; ++ky) {
+    for (ky = t->y0; ky < t->y1; ++ky) {
         const int32_t iy = iy0 + ky * p->dil_h;
-        if (iy < 0 || iy >= p->in_h) {
-            continue;
-        }
-        for (kx = 0; kx < p->k_w; ++kx) {
-            const int32_t ix = ix0 + kx * p->dil_w;
-            int32_t x;
-            if (ix < 0 || ix >= p->in_w) {
-                continue;
-            }
-            x = in[eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) + ic];
+        for (kx = t->x0; kx < t->x1; ++kx) {
+            const int32_t x = in[eo_i_nhwc(b, iy, ix0 + kx * p->dil_w, p->in_h, p->in_w,
+                                           p->in_c) + ic];
             acc += (int32_t)w[(ky * p->k_w + kx) * p->out_c + oc] * (x + p->in_offset);
         }
     }
@@ -114,8 +105,9 @@ void eo_depthwise_conv_s8(const eo_conv_params *p, const int8_t *in, const int8_
             for (ox = 0; ox < p->out_w; ++ox) {
                 const int32_t iy0 = oy * p->stride_h - p->pad_top;
                 const int32_t ix0 = ox * p->stride_w - p->pad_left;
+                const eo_window t = eo_i_conv_taps(p, iy0, ix0);
                 for (oc = 0; oc < p->out_c; ++oc) {
-                    const int32_t acc = eo_dw_acc_s8(p, in, w, b, iy0, ix0, oc, oc / m);
+                    const int32_t acc = eo_dw_acc_s8(p, in, w, b, iy0, ix0, &t, oc, oc / m);
                     *out++ = eo_requant_out(acc, bias, oc, mult, shift, p->out_offset,
                                             p->act_min, p->act_max);
                 }
