@@ -438,7 +438,8 @@ def test_softmax_long_uniform_row(ck):
 # ---- conversions and CRC ----------------------------------------------------------------------
 
 
-def _ort_run(nodes, inputs, outputs, inits, feeds):
+def ort_run(nodes, inputs, outputs, inits, feeds):
+    """Run a graph of ``nodes`` (opset 19, checked) in ONNX Runtime with no graph rewrites."""
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     onnx.checker.check_model(model)
@@ -462,7 +463,7 @@ def test_quantize_dequantize_match_onnxruntime(ck, scale, zp):
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"])]
     x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])
-    ort_q, ort_d = _ort_run(nodes, [x_in], [q_out, d_out], inits, {"x": x})
+    ort_q, ort_d = ort_run(nodes, [x_in], [q_out, d_out], inits, {"x": x})
     q = np.zeros(x.size, np.int8)
     ck.call("quantize_s8", float(scale), zp, x, q, x.size)
     np.testing.assert_array_equal(q, ort_q)

@@ -9,10 +9,9 @@ the real value sits near a rounding boundary, never by more.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_kernels import ort_run
 from test_kernels_float import _conv64
 
 from edgeopt.backends.c import reference as ref
@@ -29,14 +28,7 @@ def _qparams(lo: float, hi: float) -> tuple[np.float32, int]:
 
 def _run(nodes, inputs, out_shape, inits, feeds) -> np.ndarray:
     out = helper.make_tensor_value_info("yq", TensorProto.INT8, out_shape)
-    graph = helper.make_graph(nodes, "qdq", inputs, [out], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    onnx.checker.check_model(model)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)[0]
+    return ort_run(nodes, inputs, [out], inits, feeds)[0]
 
 
 def _qdq_input(name: str, scale, zp) -> tuple[list, list]:
