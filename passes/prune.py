@@ -381,9 +381,12 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     ``lsq`` refits its weights and bias level by level (targets: its output in the unpruned
     model; inputs: the pruned model's, with upstream consumers already refit), and also every
     consumer downstream of one (its inputs drifted although it lost nothing), ``bias``
-    folds the removed channels' means into its bias; a MatMul gets an ``Add`` for the bias,
-    and a BatchNormalization that follows a recovered layer has its statistics matched
-    (:func:`~edgeopt.passes.recovery.match_batchnorm`). Each layer's relative output error
+    folds the removed channels' means into its bias; a MatMul gets an ``Add`` for the bias.
+    A refit layer whose output (through its BatchNormalization) feeds a residual ``Add`` is
+    fitted to the unpruned sum minus the pruned shortcut. A BatchNormalization that follows
+    a bias-compensated layer has its statistics matched
+    (:func:`~edgeopt.passes.recovery.match_batchnorm`); one after a refit layer keeps them
+    (the refit aims at its unpruned input already). Each layer's relative output error
     (channels just dropped, and after recovery) is logged at INFO.
 
     Stats: ``groups``, ``groups_prunable``, ``groups_pruned``, ``channels``,

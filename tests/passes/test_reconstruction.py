@@ -221,7 +221,13 @@ def test_refit_with_a_clamp_runs_the_saturation_rounds_itself():
     plain = post_err(*least_squares_refit(w, None, x, keep, spec)[:2])
     wk, bk, report = least_squares_refit(w, None, x, keep, spec, clamp=clamp, rounds=2)
     assert report["saturation_rounds"] == 2
-    assert post_err(wk, bk) < 0.995 * plain
+    two = post_err(wk, bk)
+    assert two < 0.995 * plain
+    # More rounds keep lowering the error until one moves the weights by less than
+    # ROUND_TOL: measured 388.1 plain, 383.8 after 2 rounds, 382.2 after 7 (then it stops).
+    wk, bk, report = least_squares_refit(w, None, x, keep, spec, clamp=clamp, rounds=64)
+    assert report["saturation_rounds"] == 7
+    assert post_err(wk, bk) < two - 1.0
     # No clamp, no rounds: the plain refit, bit for bit.
     w0, _, r0 = least_squares_refit(w, None, x, keep, spec, clamp=None, rounds=2)
     np.testing.assert_array_equal(w0, least_squares_refit(w, None, x, keep, spec)[0])
