@@ -17,6 +17,7 @@ BatchNormalization statistics back:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -43,7 +44,7 @@ from .recovery import (
     reestimate_batchnorm,
 )
 
-__all__ = ["META_KEY", "Consumer", "dead_channels", "find_consumers", "find_depthwise",
+__all__ = ["META_KEY", "Consumer", "Origins", "dead_channels", "find_consumers", "find_depthwise",
            "recover_install",
            "recover_prepare", "recover_sequential"]
 
@@ -343,8 +344,8 @@ def recover_prepare(model: Model, ctx: Context, consumers: list[Consumer], keep:
 
 
 def recover_sequential(model: Model, ctx: Context, original: Model, consumers: list[Consumer],
-                       keep: Keep, samples: int, depthwise: list[Consumer] | None = None
-                       ) -> list[dict]:
+                       keep: Keep, samples: int, depthwise: list[Consumer] | None = None,
+                       origins: Origins | None = None) -> list[dict]:
     """Least-squares refit of every consumer, level by level, on the pruned model's inputs.
 
     Each consumer's targets are its outputs in the ``original`` (unpruned) model; its inputs
@@ -356,6 +357,11 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
     :func:`find_depthwise`) among those downstream are refit channel by channel. Activations are
     fetched in chunks that fit the byte budget, from caches that keep the values already
     computed (:class:`~edgeopt.passes.analyses.activation_cache.ActivationCache`).
+
+    With ``origins`` (``prune``'s ``steps``; ``original`` is then ``origins.model``, the model
+    before the first step), each consumer is fitted with its unpruned weights over the
+    unpruned indices of its kept channels: every step fits the unpruned outputs rather than
+    the previous step's fit of them.
     """
     lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
     drifted = _downstream([c.node for c, k in lost if len(k) < len(c.rec.atoms)])
@@ -374,19 +380,73 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
         pending = _downstream([c.node for lv in order[i:] for c in lv])
         pending |= {id(c.node) for lv in order[i:] for c in lv}
         names = list(dict.fromkeys(c.input for c in level))
+        fitted = []
         for chunk in _chunks(ref, names, samples, factor=2):
             xs = ref_x.get(chunk)
             xp = now_x.get(chunk)
             for c in level:
                 if c.input in chunk:
-                    out_kept = _out_kept(c, keep)
-                    offset = _residual_offset(c, pending, out_kept, ref_x, now_x)
-                    reports.append(_refit(c, xs[c.input], kept[id(c)], "lsq", xp[c.input],
-                                          out_kept, offset))
+                    c_in, c_out = kept[id(c)], _out_kept(c, keep)
+                    if origins is not None:
+                        c, c_in, c_out = origins.view(c, c_in, c_out)
+                    offset = _residual_offset(c, pending, c_out, ref_x, now_x)
+                    reports.append(_refit(c, xs[c.input], c_in, "lsq", xp[c.input], c_out,
+                                          offset))
                     _log_report(reports[-1])
+                    fitted.append(c)
             del xs, xp
-        recover_install(model, level)
+        recover_install(model, fitted)
     return reports
+
+
+class Origins:
+    """Where the channels of each layer were in the unpruned model, across ``prune`` steps.
+
+    ``prune``'s ``steps`` removes channels in rounds and refits after each. The refit targets
+    must stay the unpruned model's outputs: fitting each step to the step before compounds
+    their errors. A layer's input and output channels after some steps are a subset of its
+    unpruned ones; this keeps that subset (unpruned indices, in order) per layer, keyed by
+    its output's name, and gives :func:`recover_sequential` the unpruned weights and channel
+    indices to fit with.
+    """
+
+    def __init__(self, unpruned: Model, consumers: list[Consumer]) -> None:
+        self.model = unpruned
+        self._unpruned = {_consumer_key(c): c for c in consumers}
+        self._maps: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+
+    def view(self, c: Consumer, kept: np.ndarray, out_kept: np.ndarray | None
+             ) -> tuple[Consumer, np.ndarray, np.ndarray | None]:
+        """``c`` with its unpruned weights, and its kept channels as unpruned indices."""
+        u = self._unpruned.get(_consumer_key(c))
+        in_map, out_map = self._maps.get(_consumer_key(c), (None, None))
+        out_axis = 0 if c.rec.axis == 1 else 1
+        if u is None or c.w0 is None or (in_map is not None and len(in_map) != len(
+                c.rec.atoms)) or (out_map is not None and len(out_map) != c.w0.shape[out_axis]):
+            return c, kept, out_kept  # not followed since the first step: fit the last one
+        view = dataclasses.replace(c, w0=u.w0, b0=u.b0, bn0=u.bn0, clamp=u.clamp)
+        # A depthwise Conv's one channel axis is given by ``kept`` alone.
+        return view, _compose(in_map, kept), \
+            None if c.depthwise else _compose(out_map, out_kept)
+
+    def update(self, consumers: list[Consumer], keep: Keep) -> None:
+        """Record a step's removal (``keep``, over the channels before it)."""
+        for c in consumers:
+            key = _consumer_key(c)
+            in_map, out_map = self._maps.get(key, (None, None))
+            self._maps[key] = (_compose(in_map, np.flatnonzero(keep(c.rec.atoms))),
+                               None if c.depthwise else _compose(out_map, _out_kept(c, keep)))
+
+
+def _consumer_key(c: Consumer) -> str:
+    return c.node.outputs[0].name
+
+
+def _compose(first: np.ndarray | None, then: np.ndarray | None) -> np.ndarray | None:
+    """Indices ``then`` (None: all) into a list that is ``first`` (None: the identity)."""
+    if first is None or then is None:
+        return then if first is None else first
+    return first[then]
 
 
 def _residual_offset(c: Consumer, pending: set[int], out_kept: np.ndarray | None,
@@ -470,8 +530,16 @@ def recover_install(model: Model, consumers: list[Consumer]) -> int:
     return done
 
 
+#: ``Node.meta`` key marking the ``Add`` that holds a recovered MatMul's bias.
+BIAS_ADD_KEY = "edgeopt.recovery_bias"
+
+
 def _set_bias(model: Model, node: Node, bias: np.ndarray, names: NameGen) -> None:
-    """Give ``node`` the bias ``bias``; a MatMul gets an ``Add`` after it."""
+    """Give ``node`` the bias ``bias``; a MatMul gets an ``Add`` after it.
+
+    A MatMul refit again (a later ``steps`` round: its bias fits the unpruned output, as
+    its weight does) gets the constant of its ``Add`` replaced, not a second ``Add``.
+    """
     if node.op_type != "MatMul":
         old = node.inputs[2] if len(node.inputs) > 2 else None
         if old is not None and old.const_value is not None and len(old.const_value.shape) == 2:
@@ -479,6 +547,10 @@ def _set_bias(model: Model, node: Node, bias: np.ndarray, names: NameGen) -> Non
         replace_constant_input(node, 2, ArrayTensor(bias), names)
         return
     out = node.outputs[0]
+    users = out.consumers()
+    if len(users) == 1 and users[0].meta.get(BIAS_ADD_KEY) and users[0].inputs[0] is out:
+        replace_constant_input(users[0], 1, ArrayTensor(bias), names)
+        return
     graph = node.graph
     assert graph is not None
     const = graph.add_initializer(names.fresh(f"{out.name}_bias"), ArrayTensor(bias))
@@ -486,6 +558,7 @@ def _set_bias(model: Model, node: Node, bias: np.ndarray, names: NameGen) -> Non
     uses = list(out.uses())
     add = Node("Add", (out, const), outputs=(result,),
                name=names.fresh(f"{node.name or out.name}_bias"))
+    add.meta[BIAS_ADD_KEY] = True
     graph.insert_after(node, [add])
     for use in uses:
         use.node.set_input(use.index, result)

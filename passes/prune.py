@@ -42,6 +42,7 @@ from ._prune_recover import (
 )
 from ._prune_recover import (
     Consumer,
+    Origins,
     dead_channels,
     find_consumers,
     find_depthwise,
@@ -94,7 +95,8 @@ class PruneOptions:
         recover_samples: calibration samples used by recovery (at most).
         steps: (``recover=lsq`` only) reach the final channel counts in this many rounds of
             rank, remove and refit (kept counts shrink geometrically); each round ranks
-            channels on the model the previous one refit.
+            channels on the model the previous one refit, and every round's refit fits
+            the unpruned model's outputs (not the previous round's fit of them).
     """
 
     ratio: float = 0.5
@@ -431,6 +433,12 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     final = {_key(cg.groups[gid]): (cg.groups[gid].size, cg.groups[gid].size - len(ch))
              for gid, ch in removed.items()}
     reports: list[dict] = []
+    origins = None
+    if steps > 1 and mode == "lsq" and ctx.calib is not None:
+        # Every step fits the unpruned model's outputs (see Origins).
+        unpruned = model.clone()
+        ucg = ChannelGroups(unpruned)
+        origins = Origins(unpruned, find_consumers(unpruned, ucg) + find_depthwise(unpruned, ucg))
     for step in range(1, steps + 1):
         if step > 1:
             ctx.invalidate()
@@ -440,7 +448,7 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
         elif steps > 1:
             removed = _step_removal(cg, scores, final, step, steps)
             removed = keep_nonempty(cg, removed, scores)
-        reports = _remove(model, ctx, cg, removed, consumers, act, mode, opts)
+        reports = _remove(model, ctx, cg, removed, consumers, act, mode, opts, origins)
     if mode != "off":
         stats["recovered_layers"] = len(reports)
     if reports:
@@ -498,19 +506,24 @@ def _step_removal(cg: ChannelGroups, scores: Mapping[int, np.ndarray],
 
 
 def _remove(model: Model, ctx: Context, cg: ChannelGroups, removed: dict[int, np.ndarray],
-            consumers: list[Consumer], act: Any, mode: str, opts: PruneOptions) -> list[dict]:
+            consumers: list[Consumer], act: Any, mode: str, opts: PruneOptions,
+            origins: Origins | None = None) -> list[dict]:
     """Remove ``removed`` channels, recover the consumers (``mode``), run ``dce``."""
     keep = cg.keep_fn(removed)
     reports = recover_prepare(model, ctx, consumers, keep, act, mode, opts.recover_samples) \
         if mode == "bias" and act is not None else []
-    original = model.clone() if mode == "lsq" and act is not None else None
+    original = None
+    if mode == "lsq" and act is not None:  # the targets: the model before any step
+        original = model.clone() if origins is None else origins.model
     depthwise = find_depthwise(model, cg) if original is not None else []
     apply(model, cg, keep)
     if reports:
         recover_install(model, consumers)
     elif original is not None:
         reports = recover_sequential(model, ctx, original, consumers, keep,
-                                     opts.recover_samples, depthwise)
+                                     opts.recover_samples, depthwise, origins)
+        if origins is not None:
+            origins.update(consumers + depthwise, keep)
     dce(model, ctx)
     return reports
 

@@ -13,4 +13,4 @@ from .importance import ChannelImportance, register_criterion
 
 __all__ = ["Activations", "ChannelGroup", "ChannelGroups", "ChannelImportance", "Member",
            "ValueStats", "register_criterion"]
-from . import reconstruction  # noqa: F401  (registers the ``recon`` criterion)
+from . import activity, reconstruction  # noqa: F401  (register ``act`` and ``recon``)
