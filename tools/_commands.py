@@ -161,7 +161,7 @@ def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
     print(f"flash: {c['flash_bytes']:,} bytes of constants; RAM: arena {c['arena']['size']:,} "
           f"bytes (lower bound {c['arena']['lower_bound']:,}, without reuse "
           f"{c['arena']['naive']:,}); {c['macs']:,} MACs; CRC-32 {c['crc32']}")
-    print(f"wrote {out_dir}/ ({', '.join(sorted(result.files))})")
+    print(f"wrote {os.path.join(out_dir, '')} ({', '.join(sorted(result.files))})")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 import subprocess
 
@@ -314,8 +315,11 @@ def test_cli_emits_c_with_report(tmp_path, capsys):
     assert report["c"]["ram_bytes"] == 12288
     header = (out / "cnn_model.h").read_text()
     assert "#define CNN_ARENA_SIZE 12288u" in header
-    code = main([f"{DIGITS}/cnn.onnx", "--emit", "c-header", "-o", str(tmp_path / "h"), "-q"])
+    assert f"wrote {out}{os.sep} (" in text
+    code = main([f"{DIGITS}/cnn.onnx", "--emit", "c-header", "-o", f"{tmp_path / 'h'}{os.sep}",
+                 "-q"])
     assert code == 0
+    assert f"wrote {tmp_path / 'h'}{os.sep} (" in capsys.readouterr().out  # one separator
     constants = (tmp_path / "h" / "cnn_constants.h").read_text()
     assert "#define CNN_L0_FEATURES_FEATURES_0_CONV_K_H 3" in constants
     (tmp_path / "use.c").write_text('#define CNN_CONSTANTS_IMPLEMENTATION\n#include '
