@@ -406,6 +406,8 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     if opts.steps > 1 and mode != "lsq":
         raise OptionError(f"steps={opts.steps} refits between rounds: it needs recover=lsq "
                           f"(and --calib), not recover={mode}")
+    if not candidates:
+        log.warning("prune: %s", nothing_to_prune(cg, bool(opts.exclude)))
     params_before, macs_before = model_stats(model).params, _total_macs(model)
     removed: dict[int, np.ndarray] = {}
     if candidates and (opts.ratio > 0 or opts.thresh is not None or opts.overrides):
@@ -458,6 +460,23 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     stats.update(params_after=params_after, macs_after=_total_macs(model),
                  theta=(params_before - params_after) / params_before if params_before else 0.0)
     return PassResult(modified=True, stats=stats)
+
+
+def nothing_to_prune(cg: ChannelGroups, excluded: bool = False) -> str:
+    """Why there is no prunable channel group, and what to do about it."""
+    computed = cg.computed_weights()
+    if computed:
+        layer, op = computed[0]
+        return (f"no prunable channel group: {len(computed)} Conv/Gemm/MatMul layer(s) compute "
+                f"their weights instead of holding them (e.g. {layer!r}, from {op}); fold "
+                f"them into constants first: -p simplify,prune:...")
+    if excluded and cg.prunable():
+        return "no prunable channel group: exclude= matches every one"
+    frozen = [g for g in cg.groups if g.frozen is not None]
+    if frozen:
+        return (f"no prunable channel group: all {len(cg.groups)} are frozen (first: "
+                f"{frozen[0].frozen}); see edgeopt info --groups")
+    return "no prunable channel group: no Conv, Gemm or MatMul with constant weights"
 
 
 def _rank(model: Model, ctx: Context, cg: ChannelGroups, candidates: list[ChannelGroup],

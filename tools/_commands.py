@@ -349,6 +349,10 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
         prunable = sum(1 for g in info["channel_groups"] if g["prunable"])
         print(f"channel groups: {len(info['channel_groups'])} ({prunable} prunable)")
         print(groups.table())
+        if not prunable:
+            from edgeopt.passes.prune import nothing_to_prune
+
+            print(nothing_to_prune(groups))
     return 0
 
 

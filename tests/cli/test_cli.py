@@ -154,6 +154,17 @@ def test_info_groups_lists_prunable_and_frozen_groups(capsys):
     assert main(["info", os.path.join(EXAMPLES, "resnet.onnx"), "--groups", "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)["channel_groups"]
     assert [g["size"] for g in groups] == [16, 16, 32, 32, 32, 10]
+    assert "no prunable" not in out
+
+
+def test_info_groups_says_why_there_is_none(capsys):
+    light = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    assert main(["info", os.path.join(light, "light_squeezenet.onnx"), "--groups"]) == 0
+    out = capsys.readouterr().out
+    assert "channel groups: 0 (0 prunable)" in out
+    assert out.endswith("no prunable channel group: 26 Conv/Gemm/MatMul layer(s) compute their "
+                        "weights instead of holding them (e.g. 'n0', from ConstantOfShape); "
+                        "fold them into constants first: -p simplify,prune:...\n")
 
 
 def test_prune_from_the_command_line(tmp_path, capsys):

@@ -178,15 +178,36 @@ def test_depthwise_group_shrinks_with_channels():
         [(32, 32), (32, 32), (48, 48)]
 
 
-def test_shuffle_is_frozen_and_left_alone():
+def test_shuffle_is_frozen_and_left_alone(caplog):
     model = ir.from_proto(BUILDERS["shuffle"]())
     groups = ChannelGroups(model)
     assert [g.frozen for g in groups.groups] == [
         "Reshape 'reshape7': Reshape splits the channel axis (channel shuffle)",
         "graph output 'y'"]
     version = model.version
-    step = run(model)
+    with caplog.at_level("WARNING", logger="edgeopt.passes.prune"):
+        step = run(model)
     assert not step.modified and model.version == version
+    assert caplog.messages == [
+        "prune: no prunable channel group: all 2 are frozen (first: Reshape 'reshape7': "
+        "Reshape splits the channel axis (channel shuffle)); see edgeopt info --groups"]
+
+
+def test_no_group_says_why(caplog):
+    # The onnx light models compute their weights (ConstantOfShape): no group sees them
+    # until simplify folds them; an exclude= that matches everything is named too.
+    raw = ir.load(os.path.join(ONNX_TEST_DATA, "light", "light_resnet50.onnx"))
+    with caplog.at_level("WARNING", logger="edgeopt.passes.prune"):
+        assert not run(raw).modified
+        assert not run(ir.from_proto(BUILDERS["cnn"]()), "prune:0.5,exclude=*").modified
+    assert caplog.messages == [
+        "prune: no prunable channel group: 54 Conv/Gemm/MatMul layer(s) compute their weights "
+        "instead of holding them (e.g. 'n0', from ConstantOfShape); fold them into constants "
+        "first: -p simplify,prune:...",
+        "prune: no prunable channel group: exclude= matches every one"]
+    PassManager("simplify", verify="none").run(raw)
+    assert ChannelGroups(raw).computed_weights() == []
+    assert len(ChannelGroups(raw).prunable()) > 20
 
 
 SPLIT_MODEL = """<ir_version: 8, opset_import: ["" : 17]>
