@@ -254,3 +254,55 @@ class ShapeOracle:
             return {}
         return {v.name: v.shape for g in graphs(clone) for n in g for v in n.outputs}
 
+
+
+def computed_weights(graph: Graph) -> list[tuple[str, str]]:
+    """Layers whose weight is computed from constants instead of held.
+
+    ``(layer, op that computes its weight)`` for each Conv, ConvTranspose, Gemm and MatMul of
+    ``graph`` whose weight (input 1) is the output of nodes that read only constants (e.g.
+    the onnx ``light/`` models' ``ConstantOfShape`` weights, or a ``Transpose`` of an
+    initializer). Passes that need constant weights (``prune``, ``quant``) cannot see them;
+    ``simplify`` folds them into constants.
+    """
+    found = []
+    for node in graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
+                or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        w = node.inputs[1]
+        producer = w.producer()
+        if w.const_value is None and producer is not None and _from_constants(w):
+            found.append((node.name or node.outputs[0].name, producer.op_type))
+    return found
+
+
+#: Ops in a weight's recipe that mark it as quantized on purpose (int8 stored, float computed).
+_DEQUANTIZING = ("DequantizeLinear", "Cast")
+
+
+def _from_constants(value: Value) -> bool:
+    """Whether ``value`` is computed (in its graph) from constants only, not dequantized."""
+    seen: set[int] = set()
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if v.const_value is not None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None or next(node.subgraphs(), None) is not None or len(seen) > 64 \
+                or node.op_type in _DEQUANTIZING:
+            return False  # a graph input, a subgraph, too deep, or a quantized weight
+        todo.extend(x for x in node.inputs if x is not None)
+    return True
+
+
+def computed_weights_hint(graph: Graph, then: str) -> str | None:
+    """The warning for :func:`computed_weights` (None when there are none)."""
+    computed = computed_weights(graph)
+    if not computed:
+        return None
+    layer, op = computed[0]
+    return (f"{len(computed)} Conv/Gemm/MatMul layer(s) compute their weights instead of "
+            f"holding them (e.g. {layer!r}, from {op}); {then}")

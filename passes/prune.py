@@ -51,7 +51,7 @@ from ._prune_recover import (
     recover_sequential,
 )
 from ._registry import register_pass
-from ._util import NameGen, replace_constant_input
+from ._util import NameGen, computed_weights_hint, replace_constant_input
 from .analyses.activations import Activations
 from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record
 from .analyses.costs import MAC_RULES, bind_batch, layer_costs
@@ -464,12 +464,10 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
 
 def nothing_to_prune(cg: ChannelGroups, excluded: bool = False) -> str:
     """Why there is no prunable channel group, and what to do about it."""
-    computed = cg.computed_weights()
+    computed = computed_weights_hint(
+        cg.model.graph, "fold them into constants first: -p simplify,prune:...")
     if computed:
-        layer, op = computed[0]
-        return (f"no prunable channel group: {len(computed)} Conv/Gemm/MatMul layer(s) compute "
-                f"their weights instead of holding them (e.g. {layer!r}, from {op}); fold "
-                f"them into constants first: -p simplify,prune:...")
+        return f"no prunable channel group: {computed}"
     if excluded and cg.prunable():
         return "no prunable channel group: exclude= matches every one"
     frozen = [g for g in cg.groups if g.frozen is not None]

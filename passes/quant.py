@@ -38,6 +38,7 @@ from ._util import (
     NameGen,
     add_constant,
     as_tensor,
+    computed_weights_hint,
     constant_tensor,
     default_opset,
 )
@@ -331,6 +332,10 @@ def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
     The other modes report ``nodes_*``, ``weights_*`` and the weight bytes.
     """
     graph, version = model.graph, model.version
+    computed = computed_weights_hint(
+        graph, "they stay float; fold them into constants first: -p simplify,quant:...")
+    if computed:
+        log.warning("quant: %s", computed)
     if opts.dtype == "fp16":
         from ._quant_modes import convert_fp16
 

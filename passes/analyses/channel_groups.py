@@ -266,25 +266,6 @@ class ChannelGroups:
         """Groups that are not frozen and have at least two channels."""
         return [g for g in self.groups if g.frozen is None and g.size > 1]
 
-    def computed_weights(self) -> list[tuple[str, str]]:
-        """Layers whose weight is computed from constants instead of held: no group sees them.
-
-        ``(layer, op that computes its weight)`` for each Conv, ConvTranspose, Gemm and
-        MatMul of the main graph whose weight (input 1) is the output of nodes that read only
-        constants (e.g. the onnx ``light/`` models' ``ConstantOfShape`` weights, or a
-        ``Transpose`` of an initializer). ``simplify`` folds them into constants.
-        """
-        found = []
-        for node in self.model.graph:
-            if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
-                    or len(node.inputs) < 2 or node.inputs[1] is None:
-                continue
-            w = node.inputs[1]
-            if w.const_value is None and w.producer() is not None and _from_constants(w):
-                found.append((node.name or node.outputs[0].name,
-                              w.producer().op_type))  # type: ignore[union-attr]
-        return found
-
     def keep_fn(self, removed: Mapping[int, Sequence[int]]) -> Keep:
         """A function atoms -> kept mask, for removing channels ``removed[group_id]``."""
         gone = np.zeros(len(self._class_group), dtype=bool)
@@ -379,22 +360,6 @@ class ChannelGroups:
     def __repr__(self) -> str:
         return (f"ChannelGroups({len(self.groups)} groups, {len(self.prunable())} prunable, "
                 f"{sum(g.size for g in self.prunable())} prunable channels)")
-
-
-def _from_constants(value: Value) -> bool:
-    """Whether ``value`` is computed (in the main graph) from constants only."""
-    seen: set[int] = set()
-    todo = [value]
-    while todo:
-        v = todo.pop()
-        if v.const_value is not None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        node = v.producer()
-        if node is None or next(node.subgraphs(), None) is not None or len(seen) > 64:
-            return False  # a graph input, a subgraph, or too deep to be a weight's recipe
-        todo.extend(x for x in node.inputs if x is not None)
-    return True
 
 
 def _inner(member: Member) -> int:

@@ -449,3 +449,31 @@ def test_digits_file_shrinks_to_a_quarter(tmp_path, name, ratio):
     quantize_weights(model)
     ir.save(model, tmp_path / "q.onnx")
     assert os.path.getsize(tmp_path / "q.onnx") <= ratio * os.path.getsize(src)
+
+
+def test_weights_computed_from_constants_are_named(caplog):
+    # The onnx light models compute their weights (ConstantOfShape): quant cannot quantize
+    # them and says so, with the fix; after simplify they are constants and get quantized.
+    from conftest import ONNX_TEST_DATA
+
+    from edgeopt.passes import PassManager
+
+    model = ir.load(os.path.join(ONNX_TEST_DATA, "light", "light_squeezenet.onnx"))
+    with caplog.at_level(logging.WARNING, logger="edgeopt.passes.quant"):
+        step = PassManager("quant:int8,mode=weights", verify="none").run(model).steps[0]
+    assert not step.modified
+    assert caplog.messages == [
+        "quant: 26 Conv/Gemm/MatMul layer(s) compute their weights instead of holding them "
+        "(e.g. 'n0', from ConstantOfShape); they stay float; fold them into constants first: "
+        "-p simplify,quant:..."]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgeopt.passes.quant"):
+        report = PassManager("simplify,quant:int8,mode=weights", verify="none").run(model)
+    assert caplog.messages == []
+    assert report.steps[-1].stats["weights_quantized"] > 0  # 18: simplify merges equal fills
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    assert len(convs) == 26
+    assert all(n.inputs[1].const_value is None for n in convs)  # computed from int8 now
+    with caplog.at_level(logging.WARNING, logger="edgeopt.passes.quant"):  # not "computed"
+        PassManager("quant:int8,mode=weights", verify="none").run(model)
+    assert caplog.messages == []
