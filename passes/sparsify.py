@@ -41,7 +41,7 @@ from ._base import CalibrationError, Context, PassResult
 from ._options import parse_overrides
 from ._registry import register_pass
 from ._sparsify_refit import LayerInputs, refit_layers, refit_sequential
-from ._util import NameGen, add_constant, as_tensor
+from ._util import NameGen, add_constant, as_tensor, computed_weights_hint
 from ._weights import layer_weight
 
 __all__ = ["META_KEY", "SparsifyOptions", "Weight", "find_weights", "nm_keep", "sparsify"]
@@ -436,6 +436,11 @@ def sparsify(model: Model, ctx: Context, opts: SparsifyOptions) -> PassResult:
     if needs and ctx.calib is None:
         raise CalibrationError(f"{' and '.join(needs)} needs calibration data (--calib)")
     weights = find_weights(model)
+    computed = computed_weights_hint(
+        model.graph, "they keep their weights; fold them into constants first: "
+        "-p simplify,sparsify:...")
+    if computed:
+        log.warning("sparsify: %s", computed)
     total = sum(w.array.size for w in weights)
     zeros_before = sum(int(np.count_nonzero(w.array == 0)) for w in weights)
     todo = [w for w in weights if not any(w.matches(p) for p in opts.exclude)]

@@ -453,3 +453,19 @@ def test_calibration_is_required_by_wanda_and_refit(spec, message):
     with pytest.raises(PassError) as info:
         PassManager(spec).run(ir.from_proto(cnn()), Context())
     assert str(info.value) == f"pass 'sparsify' failed (first pass): {message}"
+
+
+def test_weights_computed_from_constants_are_named(caplog):
+    # The onnx light models compute their weights (ConstantOfShape): sparsify cannot see
+    # them and says so, with the fix (simplify folds them into constants).
+    import os
+
+    from conftest import ONNX_TEST_DATA
+
+    model = ir.load(os.path.join(ONNX_TEST_DATA, "light", "light_squeezenet.onnx"))
+    with caplog.at_level(logging.WARNING, logger="edgeopt.passes.sparsify"):
+        assert not PassManager("sparsify:0.5", verify="none").run(model).steps[0].modified
+    assert caplog.messages == [
+        "sparsify: 26 Conv/Gemm/MatMul layer(s) compute their weights instead of holding "
+        "them (e.g. 'n0', from ConstantOfShape); they keep their weights; fold them into "
+        "constants first: -p simplify,sparsify:..."]
