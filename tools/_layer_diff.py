@@ -152,23 +152,36 @@ CHANNEL_RULES: dict[str, Callable[[Node, tuple[int, ...]], tuple[int | None, int
 
 
 def _layer(node: Node) -> Layer | None:
+    """The layer ``node`` is, or None (not a weight layer, or a weight of unknown shape).
+
+    A weight computed at run time from constants (the onnx ``light/`` models' ConstantOfShape
+    weights) counts with its shape, MACs and type but no stored parameters, so the layer is
+    not reported as added when ``simplify`` folds it into a constant.
+    """
     rule = CHANNEL_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-    w = stored_constant(node.inputs[1]) if rule is not None and len(node.inputs) > 1 else None
-    if w is None:
+    v = node.inputs[1] if rule is not None and len(node.inputs) > 1 else None
+    if v is None:
         return None
+    w = stored_constant(v)
+    shape = tuple(w.shape) if w is not None else v.shape
+    if w is None and (v.producer() is None or shape is None
+                      or not all(isinstance(d, int) for d in shape)):
+        return None  # a graph input or an unknown shape: not a layer we can describe
     try:
-        channels = rule(node, tuple(w.shape))
+        channels = rule(node, shape)  # type: ignore[arg-type]
     except IndexError:  # a weight of too low a rank (invalid for the op): counts unknown
         channels = (None, None)
     params = sum(t.size for t in map(stored_constant, node.inputs) if t is not None)
     rec = node.meta.get(RECOVERY_KEY)
+    dtype = w.dtype if w is not None else v.dtype
     return Layer(node.name or node.outputs[0].name, node.op_type, *channels, params,
                  MAC_RULES[node.op_type](node),
                  None if rec is None else (float(rec["drop"]), float(rec["after"])),
-                 w.dtype.name.lower(), node.meta.get(QUANT_KEY),
-                 zeros=w.size - int(np.count_nonzero(w.numpy())),
-                 weight_bytes=getattr(w, "stored_nbytes", w.nbytes), weight_size=w.size,
-                 packed=hasattr(w, "stored_nbytes"))
+                 "" if dtype is None else dtype.name.lower(), node.meta.get(QUANT_KEY),
+                 zeros=0 if w is None else w.size - int(np.count_nonzero(w.numpy())),
+                 weight_bytes=0 if w is None else getattr(w, "stored_nbytes", w.nbytes),
+                 weight_size=0 if w is None else w.size,
+                 packed=w is not None and hasattr(w, "stored_nbytes"))
 
 
 def snapshot(model: Model) -> list[Layer]:

@@ -96,6 +96,21 @@ def test_unchanged_model_prints_no_layer_table(tmp_path, capsys):
     assert "MACs" not in capsys.readouterr().out
 
 
+def test_layers_with_computed_weights_count(tmp_path, capsys):
+    # The onnx light models compute their weights (ConstantOfShape): those layers count with
+    # their shapes and MACs (and no stored parameters), so simplify, which folds the weights
+    # into constants, shows them as changed (0 -> N parameters), not as added, and the MACs
+    # before are the model's, not 0.
+    light = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    assert main([os.path.join(light, "light_squeezenet.onnx"), "-p", "simplify", "-o",
+                 str(tmp_path / "o.onnx"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs (batch 1): 349,151,936 -> 349,151,936 (+0.0%)" in out
+    assert "(added)" not in out
+    assert re.search(r"^n62\s+Conv\s+512->512\s+1000->1000\s+0->513,000\s+"
+                     r"86,528,000->86,528,000$", out, re.M)
+
+
 # -- the diff itself --------------------------------------------------------------------------
 def _layer(name, cin, cout, params, macs=0, op="Conv"):
     return layer_diff.Layer(name, op, cin, cout, params, macs)
