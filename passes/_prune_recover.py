@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -376,9 +377,11 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
     now_x = ActivationCache(model, ctx, samples, max_bytes=ref.max_bytes // 2)
     reports = []
     order = levels(model.graph, [c for c, _ in lost], lambda c: c.node)
+    last = _last_level_upstream(model, order)
     for i, level in enumerate(order):
-        pending = _downstream([c.node for lv in order[i:] for c in lv])
-        pending |= {id(c.node) for lv in order[i:] for c in lv}
+        def final(v: Value, i: int = i) -> bool:  # nothing left to refit upstream of v
+            return last.get(id(v.producer()), -1) < i
+
         names = list(dict.fromkeys(c.input for c in level))
         fitted = []
         for chunk in _chunks(ref, names, samples, factor=2):
@@ -389,7 +392,7 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
                     c_in, c_out = kept[id(c)], _out_kept(c, keep)
                     if origins is not None:
                         c, c_in, c_out = origins.view(c, c_in, c_out)
-                    offset = _residual_offset(c, pending, c_out, ref_x, now_x)
+                    offset = _residual_offset(c, final, c_out, ref_x, now_x)
                     reports.append(_refit(c, xs[c.input], c_in, "lsq", xp[c.input], c_out,
                                           offset))
                     _log_report(reports[-1])
@@ -449,14 +452,25 @@ def _compose(first: np.ndarray | None, then: np.ndarray | None) -> np.ndarray | 
     return first[then]
 
 
-def _residual_offset(c: Consumer, pending: set[int], out_kept: np.ndarray | None,
+def _last_level_upstream(model: Model, order: list[list[Consumer]]) -> dict[int, int]:
+    """Per main-graph node id, the last level of ``order`` with a consumer at or above it."""
+    level = {id(c.node): i for i, lv in enumerate(order) for c in lv}
+    last: dict[int, int] = {}
+    for node in model.graph:  # topological order
+        up = [last.get(id(v.producer()), -1) for v in node.inputs if v is not None]
+        last[id(node)] = max([level.get(id(node), -1), *up])
+    return last
+
+
+def _residual_offset(c: Consumer, final: Callable[[Value], bool], out_kept: np.ndarray | None,
                      ref_x: ActivationCache, now_x: ActivationCache) -> np.ndarray | None:
     """Target correction of a layer whose output is added to another value (a residual).
 
     When ``c``'s output alone feeds an ``Add`` whose other addend ``s`` is already final in
     the pruned model (nothing still to be refit is upstream of it), what the network needs
     is the unpruned sum: ``c`` is fitted to ``y + s_unpruned - s_pruned`` so that it also
-    cancels the error the shortcut carries. None when that does not apply.
+    cancels the error the shortcut carries. ``final(s)`` says whether nothing still to be
+    refit lies upstream of ``s``. None when that does not apply.
     """
     bn = _following_bn(c.node)
     if c.depthwise or c.clamp is not None or (bn is not None and c.bn0 is None):
@@ -470,7 +484,7 @@ def _residual_offset(c: Consumer, pending: set[int], out_kept: np.ndarray | None
     if len(other) != 1 or other[0] is None or other[0].const_value is not None:
         return None
     s = other[0]
-    if s.producer() is not None and id(s.producer()) in pending:
+    if not final(s):
         return None
     axis = 1 if c.spec.kind == "conv" else -1
     ref = ref_x.get([s.name])[s.name]
@@ -487,11 +501,10 @@ def _residual_offset(c: Consumer, pending: set[int], out_kept: np.ndarray | None
         if gamma.shape != var.shape:
             return None
         scale = gamma / np.sqrt(var + float(bn.attr("epsilon", 1e-5)))
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=abs(scale) > 1e-12)
         shape = [1] * offset.ndim
         shape[axis] = -1
-        scale = scale.reshape(shape).astype(np.float32)
-        np.divide(offset, scale, out=offset, where=abs(scale) > 1e-12)
-        offset *= abs(scale) > 1e-12
+        offset *= inv.reshape(shape).astype(np.float32)  # a dead BN channel: no offset
     return offset
 
 

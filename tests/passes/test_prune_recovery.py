@@ -216,6 +216,23 @@ def _outputs(model: ir.Model, names: list[str], x: np.ndarray) -> list[np.ndarra
     return session.run(names, {session.get_inputs()[0].name: x})
 
 
+def _pruned_error(name: str, spec: str, values: list[str] | None = None
+                  ) -> tuple[float, dict]:
+    """Relative error of a digits model pruned with ``spec`` on its calibration images.
+
+    Measured at ``values`` (summed over them), or at the model's outputs; with the stats.
+    """
+    model = ir.load(os.path.join(DIGITS, f"{name}.onnx"))
+    calib = load_calibration(os.path.join(DIGITS, "calib.npz"), model)
+    x = calib.arrays[calib.input_names[0]]
+    values = values or [v.name for v in model.graph.outputs]
+    want = _outputs(ir.load(os.path.join(DIGITS, f"{name}.onnx")), values, x)
+    stats = run(model, spec, Context(calib=calib))
+    got = _outputs(model, values, x)
+    return float(sum(np.linalg.norm(g - w) for g, w in zip(got, want, strict=True))
+                 / sum(np.linalg.norm(w) for w in want)), stats
+
+
 def test_a_layer_feeding_a_residual_add_also_cancels_the_shortcut_error(monkeypatch):
     # Only the 24-channel stream (blocks.1's output, blocks.2's shortcut) is pruned. blocks.4's
     # projection feeds a residual Add whose shortcut (blocks.3's output) drifted: it is fitted
@@ -226,21 +243,10 @@ def test_a_layer_feeding_a_residual_add_also_cancels_the_shortcut_error(monkeypa
 
     add = "/blocks/blocks.4/Add_output_0"
     spec = "prune:0,overrides=/blocks/blocks.1/body/body.6/*:0.5"
-
-    def error(residual: bool) -> float:
-        with monkeypatch.context() as m:
-            if not residual:
-                m.setattr(_prune_recover, "_residual_offset", lambda *args: None)
-            model = ir.load(os.path.join(DIGITS, "mobilenetv2.onnx"))
-            calib = load_calibration(os.path.join(DIGITS, "calib.npz"), model)
-            x = calib.arrays[calib.input_names[0]]
-            (want,) = _outputs(ir.load(os.path.join(DIGITS, "mobilenetv2.onnx")), [add], x)
-            stats = run(model, spec, Context(calib=calib))
-            assert stats["channels_removed"] == 8
-            (got,) = _outputs(model, [add], x)
-        return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-    with_term, without = error(True), error(False)
+    with_term, stats = _pruned_error("mobilenetv2", spec, [add])
+    assert stats["channels_removed"] == 8
+    monkeypatch.setattr(_prune_recover, "_residual_offset", lambda *args: None)
+    without, _ = _pruned_error("mobilenetv2", spec, [add])
     assert with_term < 0.95 * without
 
 
@@ -273,20 +279,9 @@ def test_every_step_fits_the_unpruned_outputs(monkeypatch):
     # MobileNetV2 0.354 / 0.371, the CNN at 0.7 0.097 / 0.105).
     from edgeopt.passes import prune as prune_module
 
-    def error(origins: bool) -> float:
-        with monkeypatch.context() as m:
-            if not origins:
-                m.setattr(prune_module, "Origins", lambda *args: None)
-            model = ir.load(os.path.join(DIGITS, "resnet.onnx"))
-            calib = load_calibration(os.path.join(DIGITS, "calib.npz"), model)
-            x = calib.arrays[calib.input_names[0]]
-            want = run_ort(ir.to_proto(ir.load(os.path.join(DIGITS, "resnet.onnx"))),
-                           {calib.input_names[0]: x})[0]
-            run(model, "prune:0.6,steps=3", Context(calib=calib))
-            got = run_ort(ir.to_proto(model), {calib.input_names[0]: x})[0]
-        return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-    with_origins, round_to_round = error(True), error(False)
+    with_origins, _ = _pruned_error("resnet", "prune:0.6,steps=3")
+    monkeypatch.setattr(prune_module, "Origins", lambda *args: None)
+    round_to_round, _ = _pruned_error("resnet", "prune:0.6,steps=3")
     assert with_origins < 0.97 * round_to_round
 
 
