@@ -132,12 +132,14 @@ def infer_shapes(model: Model, data_prop: bool = True, refine_symbolic: bool = F
 ANONYMOUS_DIMS = frozenset({"?", "-1", "unk__"})
 
 
-def static_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+def static_shapes(model: Model, input_shapes: Mapping[str, Sequence[int | None]]
+                  ) -> dict[str, int]:
     """Fix the shapes of graph inputs, bind their symbolic dims everywhere, and re-infer.
 
     Args:
         model: the model, changed in place.
-        input_shapes: input name -> full static shape.
+        input_shapes: input name -> full shape; a ``None`` dim keeps the declared one (so
+            ``(1, None, None)`` binds only a batch axis).
 
     Returns:
         The symbolic dim bindings made (e.g. ``{"N": 1}``).
@@ -148,13 +150,14 @@ def static_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]]) -> di
     """
     inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
     bindings: dict[str, int] = {}
+    fixed: dict[str, tuple] = {}
     for name, dims in input_shapes.items():
         value = inputs.get(name)
         if value is None:
             raise EdgeoptError(f"no graph input named {name!r}; inputs are "
                                f"{', '.join(map(repr, inputs)) or 'none'}")
-        dims = tuple(int(d) for d in dims)
-        if any(d < 0 for d in dims):
+        dims = tuple(None if d is None else int(d) for d in dims)
+        if any(d is not None and d < 0 for d in dims):
             raise EdgeoptError(f"input {name!r}: dims must be non-negative, got {list(dims)}")
         declared = value.shape
         if declared is not None and len(declared) != len(dims):
@@ -162,18 +165,22 @@ def static_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]]) -> di
                                f"{list(dims)}")
         for i, d in enumerate(dims):
             old: Any = declared[i] if declared is not None else None
+            if d is None:
+                continue
             if isinstance(old, int) and old != d:
                 raise EdgeoptError(f"input {name!r} dim {i} is fixed at {old}, got {d}")
             if isinstance(old, str) and old not in ANONYMOUS_DIMS and \
                     bindings.setdefault(old, d) != d:
                 raise EdgeoptError(f"symbolic dim {old!r} bound to both {bindings[old]} "
                                    f"and {d}")
+        fixed[name] = tuple(d if d is not None else declared[i] if declared is not None
+                            else None for i, d in enumerate(dims))
     for value in _all_values(model.graph):
         if value.shape is not None and any(isinstance(d, str) and d in bindings
                                            for d in value.shape):
             value.shape = tuple(bindings.get(d, d) if isinstance(d, str) else d
                                 for d in value.shape)
-    for name, dims in input_shapes.items():
-        inputs[name].shape = tuple(int(d) for d in dims)
+    for name, dims in fixed.items():
+        inputs[name].shape = dims
     infer_shapes(model, refine_symbolic=True)
     return bindings

@@ -70,7 +70,9 @@ class Context:
     Args:
         calib: calibration data (a :class:`~edgeopt.passes.calib.CalibrationData`), or None.
         progress: called as ``progress(description, done, total)`` by long-running work.
-        options: free-form settings for passes (e.g. ``{"measure": True}``).
+        options: free-form settings for passes (e.g. ``{"measure": True}``); ``input_shapes``
+            (input name -> shape, the CLI's ``--input-shape``) is what :meth:`input_shapes`
+            returns first.
     """
 
     def __init__(self, calib: Any = None,
@@ -82,6 +84,18 @@ class Context:
         self.log = logging.getLogger("edgeopt.passes")
         self._analyses: dict[tuple[type, tuple], Any] = {}
         self._model: Model | None = None
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """The input shapes to count costs at.
+
+        ``options["input_shapes"]``, else one run of the calibration data
+        (:meth:`CalibrationData.run_shapes`), else None.
+        """
+        shapes = self.options.get("input_shapes")
+        if shapes:
+            return {k: tuple(v) for k, v in shapes.items()}
+        run_shapes = getattr(self.calib, "run_shapes", None)
+        return run_shapes() if run_shapes is not None else None
 
     def bind(self, model: Model) -> None:
         """Attach the model that analyses are computed on (drops caches of another model)."""

@@ -24,10 +24,12 @@
 
 * a single ``.npy``, ``.pb`` or image file, read as one file of a folder.
 * ``random`` or ``random:N``: N (default 8) seeded samples drawn from the input shapes and
-  types (floats ~ N(0, 1), integers in [0, 10), booleans fair). Symbolic dims are 1 unless
-  ``dim_values`` binds them. A loud warning is logged and ``CalibrationData.synthetic`` is
-  True: statistics of random inputs do not describe real data. (Use ``./random`` for a folder
-  of that name.)
+  types (floats ~ N(0, 1), integers in [0, 10), booleans fair). A symbolic batch dim (axis
+  0) takes the samples; any other symbolic dim needs a size, from ``input_shapes`` (the
+  CLI's ``--input-shape``) or ``dim_values``: without one, ``random`` refuses rather than
+  guess (a 1 x 1 "image" would calibrate an image model on nothing like its inputs). A loud
+  warning is logged and ``CalibrationData.synthetic`` is True: statistics of random inputs
+  do not describe real data. (Use ``./random`` for a folder of that name.)
 
 **Samples and runs.** An array whose rank equals the model input's rank is split along the
 input's axis 0 (its batch axis): a symbolic batch dim takes any number of samples per run; a
@@ -67,7 +69,7 @@ import math
 import os
 import re
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,7 +80,7 @@ from ._base import CalibrationError
 from ._calib_images import Preprocess, load_image, parse_preprocess, unreadable
 
 __all__ = ["CalibrationData", "CalibrationError", "Preprocess", "load_calibration",
-           "parse_preprocess", "random_calibration"]
+           "parse_preprocess", "random_calibration", "synthetic_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,14 @@ class CalibrationData:
             yield {name: arr[start, ...] if name in self.unbatched else arr[start:start + step]
                    for name, arr in self.arrays.items()}
 
+    def run_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each input in one run of one sample (a static batch: one batch).
+
+        What the data binds the model's symbolic dims to, e.g. for MAC counts.
+        """
+        return {name: tuple(arr.shape[1:]) if name in self.unbatched else
+                (self.fixed_batch or 1, *arr.shape[1:]) for name, arr in self.arrays.items()}
+
     def subset(self, n: int) -> CalibrationData:
         """The first ``n`` samples (rounded down to a whole static batch, at least one)."""
         if n < 1:
@@ -300,7 +310,9 @@ def _check_shape(arr: np.ndarray, value: Value, source: str,
 # -- loading ----------------------------------------------------------------------------------
 def load_calibration(spec: str | os.PathLike, model: Model, preprocess: str | None = None,
                      num_samples: int | None = None, seed: int = 0, *,
-                     dim_values: Mapping[str, int] | None = None) -> CalibrationData:
+                     dim_values: Mapping[str, int] | None = None,
+                     input_shapes: Mapping[str, Sequence[int]] | None = None
+                     ) -> CalibrationData:
     """Load calibration data for ``model`` (the engine behind ``--calib``).
 
     Args:
@@ -310,7 +322,8 @@ def load_calibration(spec: str | os.PathLike, model: Model, preprocess: str | No
         preprocess: image preprocessing spec (``--preprocess``); ignored without images.
         num_samples: keep at most this many samples (for ``random``: how many to draw).
         seed: seed of ``random``.
-        dim_values: sizes of symbolic dims for ``random`` (default 1).
+        dim_values: sizes of symbolic dims for ``random``, by dim name.
+        input_shapes: full shapes of inputs for ``random`` (their axis 0 is the batch).
 
     Returns:
         The data, checked and cast to the model's input types.
@@ -327,7 +340,7 @@ def load_calibration(spec: str | os.PathLike, model: Model, preprocess: str | No
         if count and not count.isdigit():
             raise CalibrationError(f"{spec}: expected random or random:N with N a number")
         n = num_samples or (int(count) if count else DEFAULT_RANDOM_SAMPLES)
-        return random_calibration(model, n, seed, dim_values)
+        return random_calibration(model, n, seed, dim_values, input_shapes)
     pre = parse_preprocess(preprocess)
     if os.path.isdir(spec):
         files = _list_files(spec)
@@ -351,28 +364,78 @@ def load_calibration(spec: str | os.PathLike, model: Model, preprocess: str | No
     return data
 
 
+def synthetic_dims(value: Value, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                   dim_values: Mapping[str, int] | None = None) -> list[int]:
+    """The dims of one run of synthetic data for graph input ``value``.
+
+    Static dims are kept; the shape in ``input_shapes`` (by input name) wins; a symbolic dim
+    named in ``dim_values`` takes its size; a symbolic axis 0 (the batch) is 1. Any other
+    symbolic dim has no sensible default (an image model's height and width), so it is an
+    error naming the input and the fix.
+
+    Raises:
+        CalibrationError: the shape is unknown, a given shape does not fit the input, or a
+            symbolic dim besides the batch has no size.
+    """
+    if value.shape is None:
+        raise CalibrationError(f"random: cannot synthesize input {value.name!r}: its shape is "
+                               "unknown")
+    given = (input_shapes or {}).get(value.name)
+    if given is not None:
+        given = [int(d) for d in given]
+        if len(given) != len(value.shape) or any(
+                isinstance(d, int) and d != g for d, g in zip(value.shape, given, strict=True)):
+            raise CalibrationError(f"input shape {value.name}:{'x'.join(map(str, given))} "
+                                   f"does not fit the input's {format_shape(value.shape)}")
+        return given
+    sizes = dict(dim_values or {})
+    dims: list[int] = []
+    free = []
+    for axis, d in enumerate(value.shape):
+        if isinstance(d, int):
+            dims.append(d)
+        elif isinstance(d, str) and d in sizes:
+            dims.append(int(sizes[d]))
+        elif axis == 0:
+            dims.append(1)
+        else:
+            dims.append(1)
+            free.append(axis)
+    if free:
+        example = "x".join(f"D{i}" if i in free else str(n) for i, n in enumerate(dims))
+        raise CalibrationError(
+            f"random: input {value.name!r} {format_shape(value.shape)} has symbolic dims "
+            f"besides the batch, and random samples need their sizes: give the shape to "
+            f"run at, e.g. --input-shape {value.name}:{example} "
+            f"({', '.join(f'D{i}' for i in free)}: the sizes of your real inputs)")
+    return dims
+
+
 def random_calibration(model: Model, num_samples: int = DEFAULT_RANDOM_SAMPLES, seed: int = 0,
-                       dim_values: Mapping[str, int] | None = None) -> CalibrationData:
+                       dim_values: Mapping[str, int] | None = None,
+                       input_shapes: Mapping[str, Sequence[int]] | None = None
+                       ) -> CalibrationData:
     """Seeded synthetic samples shaped like the model's inputs (``--calib random``).
 
     Args:
         model: the model.
         num_samples: how many samples (rounded up to a whole static batch).
         seed: random seed.
-        dim_values: sizes of symbolic dims other than the batch axis (default 1).
+        dim_values: sizes of symbolic dims, by dim name.
+        input_shapes: full shapes of inputs (one run); their axis 0 is the batch, which the
+            samples replace unless the model's batch is static.
 
     Raises:
-        CalibrationError: an input's rank or element type is unknown or not synthesizable.
+        CalibrationError: an input's shape or element type is unknown or not synthesizable,
+            or a symbolic dim besides the batch has no size (see :func:`synthetic_dims`).
     """
     rng = np.random.default_rng(seed)
-    dim_values = dict(dim_values or {})
     arrays = {}
     for v in _model_inputs(model)[0]:
-        if v.shape is None or v.dtype is None:
-            raise CalibrationError(f"random: cannot synthesize input {v.name!r}: its "
-                                   f"{'shape' if v.shape is None else 'element type'} is unknown")
-        dims = [d if isinstance(d, int) else dim_values.get(d, 1) if isinstance(d, str) else 1
-                for d in v.shape]
+        if v.dtype is None:
+            raise CalibrationError(f"random: cannot synthesize input {v.name!r}: its element "
+                                   "type is unknown")
+        dims = synthetic_dims(v, input_shapes, dim_values)
         if dims:  # samples run along the batch axis, in whole static batches
             batch = v.shape[0] if isinstance(v.shape[0], int) and v.shape[0] > 0 else 1
             dims[0] = math.ceil(num_samples / batch) * batch

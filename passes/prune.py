@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgeopt.ir import LazyTensor, Model, Node, Tensor
+from edgeopt.ir import LazyTensor, Model, Node, Tensor, format_shape
 
 from ._base import Context, OptionError, PassResult
 from ._manager import model_stats
@@ -54,7 +54,7 @@ from ._registry import register_pass
 from ._util import NameGen, computed_weights_hint, replace_constant_input
 from .analyses.activations import Activations
 from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record
-from .analyses.costs import MAC_RULES, bind_batch, layer_costs
+from .analyses.costs import MAC_RULES, bind_batch, layer_costs, unbound_inputs
 from .dce import dce
 
 __all__ = ["RECOVERY_META_KEY", "PruneOptions", "apply", "keep_count", "keep_nonempty", "plan",
@@ -231,13 +231,13 @@ def _l1(group: ChannelGroup) -> np.ndarray:
 class _Estimator:
     """Parameters and MACs after removing channels, without touching the model."""
 
-    def __init__(self, model: Model, groups: ChannelGroups) -> None:
+    def __init__(self, model: Model, groups: ChannelGroups, macs: dict[str, int]) -> None:
         self.uses: dict[tuple[int, int], list[Record]] = defaultdict(list)
         for rec in groups.records:
             if rec.node is not None:
                 self.uses[(id(rec.node), rec.index)].append(rec)
         self.params = model_stats(model).params
-        self.macs = _macs_by_output(model)
+        self.macs = macs
         self.weight_of = {node.outputs[0].name: (id(node), 1) for node in model.graph
                           if node.op_type in MAC_RULES and len(node.inputs) > 1}
 
@@ -260,14 +260,38 @@ class _Estimator:
         return params, macs
 
 
-def _macs_by_output(model: Model) -> dict[str, int]:
+def _macs_by_output(model: Model, shapes: dict[str, tuple[int, ...]] | None
+                    ) -> dict[str, int | None]:
+    """MACs per layer (by output name), None where shapes are unknown; {} if unavailable."""
     try:
-        costs = layer_costs(bind_batch(model))
+        costs = layer_costs(bind_batch(model, 1, shapes))
     except Exception as e:  # costs are a report, never a reason to fail
         log.debug("prune: MACs unavailable: %s", e)
         return {}
     outputs = {n.name or n.outputs[0].name: n.outputs[0].name for n in model.walk()}
     return {outputs.get(c.node, c.node): c.macs for c in costs}
+
+
+def _known_macs(model: Model, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, int]:
+    """MACs per layer for ``target=macs`` (layers of unknown shape count 0).
+
+    Raises:
+        OptionError: an input has symbolic dims besides the batch and no shape binds them.
+    """
+    free = unbound_inputs(model, shapes)
+    if free:
+        raise OptionError(f"target=macs: MACs depend on the sizes of input {free[0].name!r} "
+                          f"{format_shape(free[0].shape)}, which has symbolic dims besides "
+                          "the batch; give calibration data (--calib) or --input-shape "
+                          "NAME:DxD..")
+    return {name: m or 0 for name, m in _macs_by_output(model, shapes).items()}
+
+
+def _total_macs(model: Model, shapes: dict[str, tuple[int, ...]] | None) -> int | None:
+    """MACs at batch 1 (layers of unknown shape count 0); None if input sizes are unknown."""
+    if unbound_inputs(model, shapes):
+        return None
+    return sum(m or 0 for m in _macs_by_output(model, shapes).values())
 
 
 def _search_ratio(groups: list[ChannelGroup], scores: Mapping[int, np.ndarray],
@@ -361,10 +385,6 @@ def apply(model: Model, groups: ChannelGroups, keep: Keep) -> int:
     return changed
 
 
-def _total_macs(model: Model) -> int:
-    return sum(_macs_by_output(model).values())
-
-
 @register_pass("prune", options=PruneOptions, primary="ratio")
 def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     """Remove low-importance channels of every prunable channel group.
@@ -392,7 +412,8 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     (channels just dropped, and after recovery) is logged at INFO.
 
     Stats: ``groups``, ``groups_prunable``, ``groups_pruned``, ``channels``,
-    ``channels_removed``, ``params_before``/``params_after``, ``macs_before``/``macs_after``,
+    ``channels_removed``, ``params_before``/``params_after``, ``macs_before``/``macs_after``
+    (at batch 1 and ``ctx.input_shapes()``; left out when unknown),
     ``theta`` = (params_before - params_after) / params_before; with recovery on also
     ``recovered_layers`` and, when some were, ``recon_err_drop_mean`` and
     ``recon_err_after_mean`` (mean relative error of the recovered layers' outputs before and
@@ -408,22 +429,28 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
                           f"(and --calib), not recover={mode}")
     if not candidates:
         log.warning("prune: %s", nothing_to_prune(cg, bool(opts.exclude)))
-    params_before, macs_before = model_stats(model).params, _total_macs(model)
+    shapes = ctx.input_shapes()
+    params_before, macs_before = model_stats(model).params, _total_macs(model, shapes)
     removed: dict[int, np.ndarray] = {}
     if candidates and (opts.ratio > 0 or opts.thresh is not None or opts.overrides):
         scores, consumers, act = _rank(model, ctx, cg, candidates, opts)
         if opts.target == "channels":
             removed = plan(candidates, scores, opts)
         else:
-            removed = _search_ratio(candidates, scores, opts, cg, _Estimator(model, cg))
+            macs = _known_macs(model, shapes) if opts.target == "macs" else {}
+            removed = _search_ratio(candidates, scores, opts, cg, _Estimator(model, cg, macs))
         removed = keep_nonempty(cg, removed, scores)
     stats: dict[str, int | float] = {
         "groups": len(cg.groups), "groups_prunable": len(candidates),
         "groups_pruned": len(removed), "channels": sum(g.size for g in candidates),
         "channels_removed": sum(len(r) for r in removed.values()),
-        "params_before": params_before, "macs_before": macs_before}
+        "params_before": params_before}
+    if macs_before is not None:
+        stats["macs_before"] = macs_before
     if not removed:
-        stats.update(params_after=params_before, macs_after=macs_before, theta=0.0)
+        stats.update(params_after=params_before, theta=0.0)
+        if macs_before is not None:
+            stats["macs_after"] = macs_before
         if mode != "off":
             stats["recovered_layers"] = 0
         return PassResult(modified=False, stats=stats)
@@ -457,7 +484,10 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
         stats["recon_err_drop_mean"] = float(np.mean([r["drop"] for r in reports]))
         stats["recon_err_after_mean"] = float(np.mean([r["after"] for r in reports]))
     params_after = model_stats(model).params
-    stats.update(params_after=params_after, macs_after=_total_macs(model),
+    macs_after = _total_macs(model, shapes)
+    if macs_after is not None:
+        stats["macs_after"] = macs_after
+    stats.update(params_after=params_after,
                  theta=(params_before - params_after) / params_before if params_before else 0.0)
     return PassResult(modified=True, stats=stats)
 

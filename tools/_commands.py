@@ -16,7 +16,7 @@ from edgeopt import ir
 from edgeopt.ir import EdgeoptError
 from edgeopt.passes import Context, PassManager, list_passes, parse_pipeline, plugins, resolve
 from edgeopt.passes._options import describe_type
-from edgeopt.passes.analyses.costs import bind_batch, layer_costs
+from edgeopt.passes.analyses.costs import bind_batch, layer_costs, unbound_inputs
 
 from . import _layer_diff as layer_diff
 from ._console import Console, format_table, human_bytes
@@ -40,15 +40,68 @@ class _Announce:
         self.console.info(f"running {name} ...")
 
 
-def _load_calib(args: argparse.Namespace, model: ir.Model) -> Any:
+def _load_calib(args: argparse.Namespace, model: ir.Model,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
     if not args.calib:
         return None
-    try:
-        from edgeopt.passes.calib import load_calibration
-    except ImportError:  # pragma: no cover - until calibration support lands
-        raise EdgeoptError("--calib is not supported by this version of edgeopt") from None
+    from edgeopt.passes.calib import load_calibration
+
     return load_calibration(args.calib, model, preprocess=args.preprocess,
-                            num_samples=args.calib_samples)
+                            num_samples=args.calib_samples, input_shapes=shapes)
+
+
+def _input_shapes(args: argparse.Namespace, model: ir.Model
+                  ) -> dict[str, tuple[int, ...]] | None:
+    """``--input-shape``, parsed and checked against the model's inputs."""
+    if not getattr(args, "input_shape", None):
+        return None
+    from edgeopt.backends.c import parse_input_shapes
+
+    shapes = parse_input_shapes(args.input_shape)
+    inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
+    for name, dims in shapes.items():
+        v = inputs.get(name)
+        if v is None:
+            raise EdgeoptError(f"--input-shape: {args.model} has no input {name!r} (inputs: "
+                               f"{', '.join(map(repr, inputs)) or 'none'})")
+        if v.shape is not None and (len(v.shape) != len(dims) or any(
+                isinstance(d, int) and d != g for d, g in zip(v.shape, dims, strict=True))):
+            raise EdgeoptError(f"--input-shape {name}:{'x'.join(map(str, dims))} does not fit "
+                               f"input {name!r} {ir.format_shape(v.shape)}")
+    return shapes
+
+
+def _unbound(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None) -> str | None:
+    """The first input whose symbolic dims leave MACs unknown, described; or None."""
+    free = unbound_inputs(model, shapes)
+    return f"{free[0].name!r} {ir.format_shape(free[0].shape)}" if free else None
+
+
+def _macs_totals(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None,
+                 before: list[Any], after: list[Any]) -> dict[str, int | None]:
+    """The report's ``macs``: before/after at batch 1 (None while input sizes are unknown),
+    and ``not_counted`` layers of unknown shape when there are any."""
+    if _unbound(model, shapes):
+        return {"before": None, "after": None}
+    tb, ta = layer_diff.totals(before), layer_diff.totals(after)
+    out: dict[str, int | None] = {"before": tb["macs"], "after": ta["macs"]}
+    if tb["macs_unknown"] or ta["macs_unknown"]:
+        out["not_counted"] = max(tb["macs_unknown"], ta["macs_unknown"])
+    return out
+
+
+def _macs_line(macs: dict[str, int | None], model: ir.Model,
+               shapes: dict[str, tuple[int, ...]] | None) -> str:
+    """The report's MACs line, or why they are unknown."""
+    free = _unbound(model, shapes)
+    if free or macs["before"] is None or macs["after"] is None:
+        return (f"MACs: unknown: input {free} has symbolic dims besides the batch; give "
+                "--calib data or --input-shape NAME:DxD.. to count them")
+    line = (f"MACs (batch 1): {macs['before']:,} -> {macs['after']:,}"
+            + (f" ({macs['after'] / macs['before'] - 1:+.1%})" if macs["before"] else ""))
+    if macs.get("not_counted"):
+        line += f"; {macs['not_counted']} layers of unknown shape not counted"
+    return line
 
 
 def _verify_input(model: ir.Model, path: str) -> None:
@@ -73,19 +126,22 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
             raise EdgeoptError(f"--measure and --sparse-initializers apply to ONNX output, not "
                                f"--emit {args.emit}")
         return _emit_c(args, console, passes)
-    if args.budget or args.prefix or args.input_shape:
-        raise EdgeoptError("--budget, --prefix and --input-shape apply to --emit c / c-header")
+    if args.budget or args.prefix:
+        raise EdgeoptError("--budget and --prefix apply to --emit c / c-header")
     out = output_path(args.model, args.output)
     model = ir.load(args.model)
     _verify_input(model, args.model)
-    calib = _load_calib(args, model)
-    bench = _Bench(args, model, calib) if args.measure else None  # fails before any work
-    layers_before = layer_diff.snapshot(model)
-    ctx = Context(calib=calib, progress=console.progress)
+    shapes = _input_shapes(args, model)
+    calib = _load_calib(args, model, shapes)
+    bench = _Bench(args, model, calib, shapes) if args.measure else None  # fails before work
+    ctx = Context(calib=calib, progress=console.progress,
+                  options={"input_shapes": shapes} if shapes else None)
+    cost_shapes = ctx.input_shapes()
+    layers_before = layer_diff.snapshot(model, cost_shapes)
     manager = PassManager(passes, verify="each" if args.verify_each else "end",
                           instruments=[_Announce(console)])
     report = manager.run(model, ctx)
-    layers_after = layer_diff.snapshot(model)
+    layers_after = layer_diff.snapshot(model, cost_shapes)
     changes = layer_diff.diff(layers_before, layers_after)
     external = _external(args.external_data)
     sparse = args.sparse_initializers
@@ -95,8 +151,7 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     packing = packed_weights(model)
     result = {**report.to_dict(), "input": args.model, "output": out,
               "layers": layer_diff.to_dicts(changes),
-              "macs": {"before": layer_diff.totals(layers_before)["macs"],
-                       "after": layer_diff.totals(layers_after)["macs"]}}
+              "macs": _macs_totals(model, cost_shapes, layers_before, layers_after)}
     if latency is not None:
         result["latency"] = latency
     if packing["weights"]:
@@ -107,10 +162,7 @@ def cmd_optimize(args: argparse.Namespace, console: Console) -> int:
     if changes:
         print()
         print(layer_diff.format_changes(changes, None if args.layers else layer_diff.MAX_ROWS))
-        macs = result["macs"]
-        if macs["before"] is not None and macs["after"] is not None:
-            print(f"MACs (batch 1): {macs['before']:,} -> {macs['after']:,}"
-                  + (f" ({macs['after'] / macs['before'] - 1:+.1%})" if macs["before"] else ""))
+        print(_macs_line(result["macs"], model, cost_shapes))
     if latency is not None:
         print(_latency_line(latency))
     if packing["weights"]:
@@ -131,10 +183,9 @@ def _report_or_json(args: argparse.Namespace, data: dict[str, Any]) -> bool:
 
 def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
     """``--emit c|c-header``: run the pipeline, then write the C library into a folder."""
-    from edgeopt.backends.c import emit_c, file_sha256, parse_budget, parse_input_shapes
+    from edgeopt.backends.c import emit_c, file_sha256, parse_budget
 
     budget = parse_budget(args.budget) if args.budget else None
-    shapes = parse_input_shapes(args.input_shape) if args.input_shape else None
     stem = os.path.splitext(os.path.basename(args.model))[0]
     out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.model)),
                                           stem + "_c")
@@ -142,8 +193,10 @@ def _emit_c(args: argparse.Namespace, console: Console, passes: Any) -> int:
         raise EdgeoptError(f"{out_dir}: --emit {args.emit} writes a folder; this is a file")
     model = ir.load(args.model)
     _verify_input(model, args.model)
-    calib = _load_calib(args, model)
-    ctx = Context(calib=calib, progress=console.progress)
+    shapes = _input_shapes(args, model)
+    calib = _load_calib(args, model, shapes)
+    ctx = Context(calib=calib, progress=console.progress,
+                  options={"input_shapes": shapes} if shapes else None)
     report = PassManager(passes, verify="end", instruments=[_Announce(console)]).run(model, ctx)
     console.info(f"emitting {args.emit} ...")
     result = emit_c(model, None, args.prefix or stem, mode=args.emit, budget=budget,
@@ -172,9 +225,10 @@ class _Bench:
     cannot run fails before the pipeline does any work.
     """
 
-    def __init__(self, args: argparse.Namespace, model: ir.Model, calib: Any) -> None:
+    def __init__(self, args: argparse.Namespace, model: ir.Model, calib: Any,
+                 shapes: dict[str, tuple[int, ...]] | None) -> None:
         self.runs = args.runs
-        self.feeds = feeds_for(model, calib, batch=1)
+        self.feeds = feeds_for(model, calib, batch=1, shapes=shapes)
         self.inputs = "first calibration sample" if calib is not None else "random (seed 0)"
         self.source = OrtModel(args.model)
         self.source.run(self.feeds)
@@ -247,8 +301,9 @@ def _type_str(v: ir.Value) -> str:
     return f"{dtype}{ir.format_shape(v.shape)}"
 
 
-def model_info(model: ir.Model) -> dict[str, Any]:
-    """Everything ``edgeopt info`` reports, as plain data."""
+def model_info(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None = None
+               ) -> dict[str, Any]:
+    """Everything ``edgeopt info`` reports, as plain data (MACs at batch 1 and ``shapes``)."""
     graph = model.graph
     by_dtype: Counter[str] = Counter()
     params = 0
@@ -256,9 +311,19 @@ def model_info(model: ir.Model) -> dict[str, Any]:
         for v in g.initializers.values():
             by_dtype[v.const_value.dtype.name.lower()] += v.const_value.nbytes
             params += v.const_value.size
+    macs: int | None = None
     try:
-        costs = layer_costs(bind_batch(model, 1))
-        macs_note = "batch 1; symbolic dims bound to 1"
+        costs = layer_costs(bind_batch(model, 1, shapes))
+        free = _unbound(model, shapes)
+        unknown = sum(1 for c in costs if c.macs is None)
+        if free:
+            macs_note = (f"unknown: input {free} has symbolic dims besides the batch; give "
+                         "--input-shape NAME:DxD..")
+        else:
+            macs = sum(c.macs or 0 for c in costs)
+            macs_note = "batch 1" + "".join(f", {k} {'x'.join(map(str, v))}"
+                                            for k, v in (shapes or {}).items()) \
+                + (f"; {unknown} layers of unknown shape not counted" if unknown else "")
     except EdgeoptError as e:
         costs, macs_note = [], f"unavailable: {e}"
     ops = Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type
@@ -274,7 +339,7 @@ def model_info(model: ir.Model) -> dict[str, Any]:
         "ops": dict(ops.most_common()),
         "params": params,
         "weight_bytes": dict(by_dtype),
-        "macs": sum(c.macs for c in costs),
+        "macs": macs,
         "macs_note": macs_note,
         "layers": [dataclasses.asdict(c) for c in costs],
         "weights": weight_storage(model),
@@ -310,7 +375,7 @@ def weight_storage(model: ir.Model) -> list[dict[str, Any]]:
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
     """Print a summary of a model."""
     model = ir.load(args.model)
-    info = model_info(model)
+    info = model_info(model, _input_shapes(args, model))
     groups = None
     if args.groups:
         from edgeopt.passes.analyses import ChannelGroups
@@ -331,13 +396,14 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     total = sum(info["weight_bytes"].values())
     print(f"parameters: {info['params']:,}  weights: {human_bytes(total)} ("
           + ", ".join(f"{d} {human_bytes(b)}" for d, b in info["weight_bytes"].items()) + ")")
-    print(f"MACs: {info['macs']:,} ({info['macs_note']})")
+    print(f"MACs: {info['macs']:,} ({info['macs_note']})" if info["macs"] is not None
+          else f"MACs: {info['macs_note']}")
     weights = info["weights"]
     if weights:
         print(_sparsity_line(weights))
     if args.layers and info["layers"]:
         rows = [(c["node"], c["op_type"], ir.format_shape(c["output_shape"]), f"{c['params']:,}",
-                 f"{c['macs']:,}") for c in info["layers"]]
+                 "?" if c["macs"] is None else f"{c['macs']:,}") for c in info["layers"]]
         print(format_table(rows, ("layer", "op", "output", "params", "MACs"), right=(3, 4)))
     if args.layers and weights:
         rows = [(w["layer"], w["dtype"], f"{w['elements']:,}", f"{w['sparsity']:.1%}",
@@ -429,13 +495,15 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     names_b = [v.name for v in model_b.graph.inputs if not v.is_initializer()]
     if names_a != names_b:
         raise EdgeoptError(f"the models have different inputs: {names_a} vs {names_b}")
-    calib = _load_calib(args, model_a)
+    shapes = _input_shapes(args, model_a)
+    calib = _load_calib(args, model_a, shapes)
     if calib is None:
         console.info("warning: no --calib given; comparing on 8 seeded random inputs")
-    feeds = feeds_for(model_a, calib, batch=None)
+    feeds = feeds_for(model_a, calib, batch=None, shapes=shapes)
     sa, sb = OrtModel(args.a), OrtModel(args.b)
     rows = compare_outputs(sa.run(feeds), sb.run(feeds))
-    ms_a, ms_b = median_latencies_ms([sa, sb], feeds_for(model_a, calib, batch=1), args.runs)
+    ms_a, ms_b = median_latencies_ms([sa, sb], feeds_for(model_a, calib, batch=1, shapes=shapes),
+                                     args.runs)
     result = {"outputs": rows, "latency_ms": {"a": ms_a, "b": ms_b},
               "latency_ratio_b_over_a": ms_b / ms_a if ms_a else None}
     if args.json:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,14 +184,15 @@ def _layer(node: Node) -> Layer | None:
                  packed=w is not None and hasattr(w, "stored_nbytes"))
 
 
-def snapshot(model: Model) -> list[Layer]:
+def snapshot(model: Model, shapes: Mapping[str, Sequence[int]] | None = None) -> list[Layer]:
     """Every layer of ``model`` (all graphs, in walk order), with MACs at batch 1.
 
-    The model is not changed: MACs come from a clone whose symbolic dims are bound to 1.
-    When that binding fails, layers whose shapes are not static have unknown MACs (None).
+    The model is not changed: MACs come from a clone whose batch is bound to 1 and whose
+    inputs in ``shapes`` take those shapes (:func:`bind_batch`). Layers whose shapes stay
+    symbolic (other dims not given), or all when the binding fails, have unknown MACs (None).
     """
     try:
-        bound = bind_batch(model, 1)
+        bound = bind_batch(model, 1, shapes)
     except EdgeoptError as e:
         log.info("layer MACs unavailable: %s", e)
         bound = model
@@ -217,11 +218,11 @@ def diff(before: Sequence[Layer], after: Sequence[Layer]) -> list[LayerChange]:
     return changes
 
 
-def totals(layers: Sequence[Layer]) -> dict[str, int | None]:
-    """Parameters and MACs summed over all layers (MACs None if any is unknown)."""
-    macs = [x.macs for x in layers]
+def totals(layers: Sequence[Layer]) -> dict[str, int]:
+    """Parameters and MACs summed over all layers; ``macs_unknown``: layers not counted."""
     return {"params": sum(x.params for x in layers),
-            "macs": None if None in macs else sum(macs)}  # type: ignore[arg-type]
+            "macs": sum(x.macs for x in layers if x.macs is not None),
+            "macs_unknown": sum(1 for x in layers if x.macs is None)}
 
 
 def _arrow(before: int | None, after: int | None, *, status: str, sep: bool = False) -> str:

@@ -9,7 +9,7 @@ load affects them alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,7 +68,8 @@ class OrtModel:
                                f"{_first_line(e)}") from None
 
 
-def feeds_for(model: ir.Model, calib: Any, batch: int | None, seed: int = 0) -> dict:
+def feeds_for(model: ir.Model, calib: Any, batch: int | None, seed: int = 0,
+              shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
     """Inputs for ORT runs.
 
     Args:
@@ -78,10 +79,15 @@ def feeds_for(model: ir.Model, calib: Any, batch: int | None, seed: int = 0) -> 
         batch: samples per run (a static batch dim overrides it); None takes every
             calibration sample (or 8 random ones).
         seed: seed of the random inputs.
+        shapes: shapes of random inputs (``--input-shape``), needed for symbolic dims
+            besides the batch.
 
     Raises:
-        EdgeoptError: an input without a static type and no calibration data.
+        EdgeoptError: an input without a static type, or with symbolic dims besides the
+            batch that ``shapes`` does not give, and no calibration data.
     """
+    from edgeopt.passes.calib import synthetic_dims
+
     if calib is not None:
         return dict(next(iter(calib.batches(batch or calib.num_samples))))
     rng = np.random.default_rng(seed)
@@ -91,7 +97,7 @@ def feeds_for(model: ir.Model, calib: Any, batch: int | None, seed: int = 0) -> 
             continue
         if v.shape is None or v.dtype is None:
             raise EdgeoptError(f"input {v.name!r} has no static type; pass --calib")
-        shape = [d if isinstance(d, int) else 1 for d in v.shape]
+        shape = synthetic_dims(v, shapes)
         if shape and not isinstance(v.shape[0], int):
             shape[0] = batch or 8  # a symbolic batch axis
         try:

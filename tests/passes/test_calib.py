@@ -460,14 +460,35 @@ def test_random_is_seeded_loud_and_shaped(caplog):
 
 
 def test_random_default_count_symbolic_dims_and_static_batch():
-    data = load_calibration("random", parse_model("""<ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,C,H] x) => (float[N,C,H] y) { y = Relu(x) }"""), dim_values={"C": 3})
-    assert data.arrays["x"].shape == (8, 3, 1)
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,C,H] x) => (float[N,C,H] y) { y = Relu(x) }""")
+    data = load_calibration("random", model, dim_values={"C": 3, "H": 5})
+    assert data.arrays["x"].shape == (8, 3, 5)
+    # A full input shape wins; its batch axis is replaced by the samples.
+    data = load_calibration("random:4", model, input_shapes={"x": (1, 2, 7)})
+    assert data.arrays["x"].shape == (4, 2, 7)
+    assert data.run_shapes() == {"x": (1, 2, 7)}
     assert load_calibration("random:3", parse_model(STATIC_BATCH)).arrays["x"].shape == (4, 4)
     assert load_calibration("random:3", parse_model(SCALAR)).arrays["x"].shape == (3,)
     with pytest.raises(CalibrationError, match=exactly(
             "random:x: expected random or random:N with N a number")):
         load_calibration("random:x", parse_model(SCALAR))
+
+
+def test_random_refuses_to_guess_dims_besides_the_batch():
+    """A 1 x 1 'image' would calibrate on nothing like the real inputs: say what to give."""
+    model = parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,H,W] x) => (float[N,3,H,W] y) { y = Relu(x) }""")
+    with pytest.raises(CalibrationError, match=exactly(
+            "random: input 'x' ['N',3,'H','W'] has symbolic dims besides the batch, and random "
+            "samples need their sizes: give the shape to run at, e.g. --input-shape x:1x3xD2xD3 "
+            "(D2, D3: the sizes of your real inputs)")):
+        load_calibration("random", model)
+    with pytest.raises(CalibrationError, match=exactly(
+            "input shape x:1x4x8x8 does not fit the input's ['N',3,'H','W']")):
+        load_calibration("random", model, input_shapes={"x": (1, 4, 8, 8)})
+    data = load_calibration("random:2", model, input_shapes={"x": (1, 3, 8, 6)})
+    assert data.arrays["x"].shape == (2, 3, 8, 6)
 
 
 def test_random_needs_known_shapes():

@@ -103,7 +103,7 @@ def mobilenetv2(seed: int = 0, size: int = 224, classes: int = 1000) -> ir.Model
 
 def costs(model: ir.Model) -> tuple[int, int]:
     """Params (initializer elements) and MACs at batch 1."""
-    return model_stats(model).params, sum(c.macs for c in layer_costs(bind_batch(model)))
+    return model_stats(model).params, sum(c.macs or 0 for c in layer_costs(bind_batch(model)))
 
 
 def variants(model: ir.Model, ratio: float, round_tos: list[str]
