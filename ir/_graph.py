@@ -548,6 +548,22 @@ class Model:
         """Mutation counter of the main graph (covers nested subgraphs)."""
         return self.graph.version
 
+    def upgrade_ir_version(self, version: int) -> None:
+        """Raise ``ir_version`` to at least ``version``, keeping what the graph means.
+
+        Before IR 4 every initializer had to be listed as a graph input, so the listing meant
+        nothing: those are the file's weights (constants; see
+        ``edgeopt.passes._util.constant_tensor``). From IR 4 on, a listed initializer is an
+        input whose default a caller may override, which neither passes nor ONNX Runtime
+        treat as a constant. Crossing IR 4 therefore unlists the main graph's initializers.
+        """
+        if version <= self.ir_version:
+            return
+        if self.ir_version < 4 <= version:
+            for v in [v for v in self.graph.inputs if v.is_initializer()]:
+                self.graph.inputs.remove(v)
+        self.ir_version = version
+
     def walk(self) -> Iterator[Node]:
         """Every node, recursively through subgraphs."""
         return self.graph.walk()

@@ -163,7 +163,8 @@ def _ensure_opset(model: Model) -> int:
     weights = {name: model.graph.initializers[name].const_value for name in stripped}
     new = ir.from_proto(proto, tensors=weights)  # type: ignore[arg-type]
     model.graph, model.opset_imports = new.graph, new.opset_imports
-    model.ir_version = max(model.ir_version, new.ir_version)
+    model.ir_version = old_ir  # the new graph still lists IR 3 initializers as inputs
+    model.upgrade_ir_version(max(old_ir, new.ir_version))
     log.info("quant: opset %d -> %d", old, MIN_OPSET)
     return old
 

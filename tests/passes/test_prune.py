@@ -406,11 +406,7 @@ def expose_logits(model: ir.Model) -> None:
 def light_model(name: str) -> ir.Model:
     model = ir.load(os.path.join(ONNX_TEST_DATA, "light", f"light_{name}.onnx"))
     PassManager("simplify", verify="none").run(model)
-    graph = model.graph
-    for value in list(graph.inputs):  # IR 3 lists initializers as inputs: make them constants
-        if value.is_initializer():
-            graph.inputs.remove(value)
-    model.ir_version = 8
+    model.upgrade_ir_version(8)  # IR 3 lists its initializers as inputs: unlisted
     randomize_weights(model, seed=0)
     PassManager("dce", verify="none").run(model)
     expose_logits(model)

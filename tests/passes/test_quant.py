@@ -172,6 +172,35 @@ def test_bias_is_int32_with_input_times_weight_scale():
     np.testing.assert_array_equal(b_qp.scale, (x_qp.scale * w_qp.scale).astype(np.float32))
 
 
+def test_ir3_weights_listed_as_inputs_stay_constants(tmp_path):
+    """IR 3 files (the onnx light models, old Caffe2 exports) list every initializer as a graph
+    input. quant converts them to opset 13 (IR 7), where a listed initializer would be an
+    overridable input: the upgrade unlists them, so the bias is still quantized to int32 and
+    ONNX Runtime still fuses the Conv (it used to stay float, with ORT warning that the
+    initializer 'will not be treated as constant')."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+           helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]),
+           helper.make_tensor_value_info("b", TensorProto.FLOAT, [4])]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+                               helper.make_node("Relu", ["c"], ["y"])], "g", ins,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w, b])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    model = ir.from_proto(proto)
+    assert quantize_model(model).stats["biases_quantized"] == 1
+    assert model.ir_version >= 7
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.inputs[2].producer().op_type == "DequantizeLinear"
+    assert conv.inputs[2].producer().inputs[0].const_value.dtype == ir.DataType.INT32
+    assert optimized_ops(model, tmp_path)["QLinearConv"] == 1
+
+
 def test_relu_and_relu6_are_fused_into_the_quantization():
     for name in ("conv_relu", "conv_relu6"):
         text, weights = PATTERNS[name]
@@ -319,10 +348,11 @@ def test_squeezenet_opset9_is_upgraded_runs_integer_kernels_and_shrinks(tmp_path
     with caplog.at_level(logging.INFO, logger="edgeopt.passes._quant_bias"):
         quantize_model(model, calib=calib_for(model, n=8, positive=True))
     # Its batch is fixed to 1; its Concats and the opset-13 Softmax (Flatten, Softmax,
-    # Reshape to Shape(x)) keep samples apart. 13 of its 26 Convs share their bias with
-    # another (light models' constants are shared): those are not corrected.
-    assert "quant: bias correction of 13 layers in one run of 8 samples" in caplog.messages
-    assert model.opset_imports[""] == 13
+    # Reshape to Shape(x)) keep samples apart. All 26 Convs have an int32 bias to correct:
+    # the 13 biases still listed as graph inputs (IR 3) are unlisted by the upgrade to IR 7,
+    # not left float as overridable inputs.
+    assert "quant: bias correction of 26 layers in one run of 8 samples" in caplog.messages
+    assert model.opset_imports[""] == 13 and [v.name for v in model.graph.inputs] == ["data_0"]
     ir.save(model, str(tmp_path / "q.onnx"))
     assert os.path.getsize(tmp_path / "q.onnx") <= 0.27 * os.path.getsize(tmp_path / "f32.onnx")
     ops = optimized_ops(model, tmp_path)
