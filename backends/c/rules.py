@@ -431,7 +431,22 @@ def pool(lw: Lowerer, node: Node) -> None:
             op = Op("eo_mean_hw_s8", base, node.op_type, [xs[0], xs[2] * xs[3], xs[1],
                     -view.zero_point, zp_out, mult, shift, xt, out], [xt], [out], macs)
         elif (view.scale, view.zero_point) != (s_out, zp_out):
-            raise LoweringError("int8 pooling needs the same scale and zero point in and out")
+            if kind == "max" or (amin, amax) != (-128, 127):
+                raise LoweringError("int8 pooling needs the same scale and zero point in and "
+                                    "out" + ("" if kind == "max" else " when an activation is "
+                                             "fused into it"))
+            # ORT's QLinearAveragePool may change the scale; CMSIS-NN's average cannot:
+            # average in the input's scale, then requantize (like a QuantizeLinear between
+            # two int8 tensors).
+            mid = lw.new_tensor(None, "int8_t", out.shape, "nhwc", scale=view.scale,
+                                zero_point=view.zero_point, base=base + "_avg")
+            params = lw.params("eo_pool_params", **p, act_min=-128, act_max=127,
+                               fact_min=0.0, fact_max=0.0)
+            lw.emit(Op("eo_avgpool_s8", base, node.op_type, [params, xt, mid], [xt], [mid],
+                       macs))
+            mult, shift = quantize_multiplier(view.scale / s_out)
+            op = Op("eo_requantize_s8", base + "_requant", node.op_type,
+                    [-view.zero_point, zp_out, mult, shift, mid, out, out.size], [mid], [out])
         else:
             params = lw.params("eo_pool_params", **p, act_min=amin, act_max=amax,
                                fact_min=0.0, fact_max=0.0)

@@ -407,9 +407,7 @@ def light_model(name: str) -> ir.Model:
     from models import randomize_weights
 
     model = ir.load(os.path.join(ONNX_TEST_DATA, "light", f"light_{name}.onnx"))
-    for v in [v for v in model.graph.inputs if v.is_initializer()]:
-        model.graph.inputs.remove(v)  # IR 3 listed the weights as inputs
-    model.ir_version = max(model.ir_version, 4)
+    model.upgrade_ir_version(4)  # IR 3 listed the weights as inputs: unlisted
     PassManager("fold-constants,dce", verify="end").run(model, Context())
     randomize_weights(model, 0)
     return model
@@ -433,6 +431,30 @@ def test_onnx_zoo_models_match_onnxruntime(name, tmp_path):
     got = got.reshape(want.shape) if want.ndim != 4 else \
         got.reshape(1, want.shape[2], want.shape[3], -1).transpose(0, 3, 1, 2)
     assert np.abs(got - want).max() <= 1e-4 * float(want.max() - want.min())
+    assert got.argmax() == want.argmax()
+
+
+@pytest.mark.slow
+def test_shufflenet_int8_average_pool_requantizes(tmp_path):
+    """ShuffleNet's AveragePools get their own output range in QDQ (ORT's QLinearAveragePool
+    allows it); CMSIS-NN's average cannot change the scale, so C averages in the input's scale
+    and requantizes (it used to refuse: 'int8 pooling needs the same scale')."""
+    model = light_model("shufflenet")
+    PassManager("quant:int8,bias_correction=false", verify="end").run(
+        model, Context(calib=load_calibration("random:8", model)))
+    out = tmp_path / "q"
+    result = emit_c(model, str(out), prefix="net")
+    pools = [layer for layer in result.report["layers"] if layer["op"] == "AveragePool"]
+    assert {layer["kernel"] for layer in pools} == {"eo_avgpool_s8", "eo_requantize_s8"}
+    sources = sorted(str(p) for p in out.glob("*.c"))
+    exe = str(out / "run")
+    subprocess.run(["gcc", "-std=c99", "-O1", "-DNET_TEST_MAIN", f"-I{out}", *sources, "-o", exe,
+                    "-lm"], check=True)
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = np.log(ort(model, x).ravel())  # the float Softmax's log: logits up to a shift
+    got = np.log(run_c(exe, tmp_path, x.transpose(0, 2, 3, 1)))
+    # TFLite-style requantization against ORT's float Q/DQ: a few LSB through 50 layers.
+    assert np.abs(got - want).max() <= 0.015 * float(want.max() - want.min())
     assert got.argmax() == want.argmax()
 
 
