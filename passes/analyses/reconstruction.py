@@ -251,7 +251,18 @@ def _state(m: Any, x: np.ndarray, rng: np.random.Generator) -> _Consumer | None:
         rows, w2 = _channel_level(rows, w2, taps, rng)
         taps = 1
     x_c = rows - rows.mean(axis=0)
-    g = np.asarray(x_c.T @ x_c, np.float64)
+    # float32 products overflow past |x| ~ 1e17 over MAX_ROWS rows (it happens: the onnx
+    # light models' constant weights grow activations layer by layer): the product is taken
+    # on data scaled by a power of two (exact), the scale restored in float64.
+    peak = float(np.max(np.abs(x_c))) if x_c.size else 0.0
+    if not math.isfinite(peak):
+        log.debug("recon: non-finite inputs of %s: not measured", m.value.name)
+        return None
+    scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
+    x_c = x_c * np.float32(1 / scale)
+    g = np.asarray(x_c.T @ x_c, np.float64) * (scale * scale)
+    if not np.all(np.isfinite(g)):
+        return None
     h = g @ w2
     energy = float(np.sum(w2 * h))
     if energy <= 0:

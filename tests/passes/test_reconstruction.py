@@ -79,6 +79,26 @@ def test_recon_ranks_a_duplicate_channel_lowest_where_l1_picks_a_needed_one(conv
     assert np.all(np.diff(np.sort(scores)) >= 0)
 
 
+def test_recon_scores_do_not_overflow_on_huge_activations():
+    """Activations near 1e18 (the onnx light models' constant weights grow them layer by
+    layer) overflowed the float32 Gram product into inf and NaN scores. Without a bias the
+    network is positively homogeneous and the criterion a relative error: scaling every
+    input by 2**60 must leave the scores as they are (sorted: the duplicate pair's order is
+    a tie)."""
+    def model_without_bias() -> ir.Model:
+        proto = mlp_with_duplicate()
+        b1 = next(t for t in proto.graph.initializer if t.name == "b1")
+        b1.CopyFrom(numpy_helper.from_array(np.zeros(6, np.float32), "b1"))
+        return ir.from_proto(proto)
+
+    base = calib(model_without_bias())
+    want = hidden_scores(model_without_bias(), Context(calib=base), "recon")
+    huge = CalibrationData({"x": base.arrays["x"] * np.float32(2.0 ** 60)})
+    with np.errstate(over="raise", invalid="raise"):
+        got = hidden_scores(model_without_bias(), Context(calib=huge), "recon")
+    np.testing.assert_allclose(np.sort(got), np.sort(want), rtol=1e-4, atol=1e-7)
+
+
 def test_recon_prune_keeps_the_output_when_removing_a_duplicate():
     model = ir.from_proto(mlp_with_duplicate())
     ctx = Context(calib=calib(model))
