@@ -56,18 +56,16 @@ def _input_shapes(args: argparse.Namespace, model: ir.Model
     if not getattr(args, "input_shape", None):
         return None
     from edgeopt.backends.c import parse_input_shapes
+    from edgeopt.passes.calib import synthetic_dims
 
     shapes = parse_input_shapes(args.input_shape)
     inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
-    for name, dims in shapes.items():
-        v = inputs.get(name)
-        if v is None:
+    for name in shapes:
+        if name not in inputs:
             raise EdgeoptError(f"--input-shape: {args.model} has no input {name!r} (inputs: "
                                f"{', '.join(map(repr, inputs)) or 'none'})")
-        if v.shape is not None and (len(v.shape) != len(dims) or any(
-                isinstance(d, int) and d != g for d, g in zip(v.shape, dims, strict=True))):
-            raise EdgeoptError(f"--input-shape {name}:{'x'.join(map(str, dims))} does not fit "
-                               f"input {name!r} {ir.format_shape(v.shape)}")
+        if inputs[name].shape is not None:
+            synthetic_dims(inputs[name], shapes)  # the shape fits the input's static dims
     return shapes
 
 
@@ -94,7 +92,7 @@ def _macs_line(macs: dict[str, int | None], model: ir.Model,
                shapes: dict[str, tuple[int, ...]] | None) -> str:
     """The report's MACs line, or why they are unknown."""
     free = _unbound(model, shapes)
-    if free or macs["before"] is None or macs["after"] is None:
+    if free or macs["before"] is None or macs["after"] is None:  # None only while unbound
         return (f"MACs: unknown: input {free} has symbolic dims besides the batch; give "
                 "--calib data or --input-shape NAME:DxD.. to count them")
     line = (f"MACs (batch 1): {macs['before']:,} -> {macs['after']:,}"

@@ -132,7 +132,7 @@ def test_calibration_data_gives_the_shape(tmp_path, capsys):
     (["-p", "dce", "--input-shape", "y:1x3"], "--input-shape: {src} has no input 'y' (inputs: "
                                               "'x')"),
     (["-p", "dce", "--input-shape", "x:1x4x8x8"],
-     f"--input-shape x:1x4x8x8 does not fit input 'x' {SHAPE}"),
+     f"input shape x:1x4x8x8 does not fit the input's {SHAPE}"),
     (["-p", "dce", "--input-shape", "x=1x3"], "--input-shape 'x=1x3': expected NAME:DxDx..., "
                                               "e.g. x:1x3x48x192"),
 ])
