@@ -324,6 +324,27 @@ def test_dynamic_conv_integer():
     assert_close(ort(model, feeds)[0], acc * (xs * ws).reshape(4, 1, 1) + b.reshape(4, 1, 1))
 
 
+def test_dynamic_on_a_conv_model_says_why_nothing_changed(caplog):
+    """PP-OCRv4 det is all Convs: mode=dynamic (MatMul/Gemm only) used to change nothing
+    silently."""
+    from edgeopt.passes import PassManager
+
+    rng = np.random.default_rng(2)
+    model = build(CONV, {"w": conv_weight(rng), "b": rng.standard_normal(4).astype(np.float32)})
+    with caplog.at_level(logging.WARNING):
+        report = PassManager("quant:int8,mode=dynamic").run(model)
+    assert not report.modified
+    assert caplog.messages == [
+        "quant: mode=dynamic changed nothing: it runs MatMul/Gemm by constant weights in int8, "
+        "and the model's 1 Convs stay float (conv=integer makes them ConvInteger, slower than "
+        "float Conv in ONNX Runtime on most shapes; mode=weights shrinks the file; static "
+        "quant:int8 with --calib runs int8 kernels)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert PassManager("quant:int8,mode=dynamic,conv=integer").run(model).modified
+    assert caplog.messages == []
+
+
 def test_dynamic_needs_opset_11(caplog):
     text = header(10) + "g (float[3,4] x, float[4,2] w) => (float[3,2] y) { y = MatMul(x, w) }"
     model = build(text, {"w": np.ones((4, 2), np.float32)})
