@@ -379,6 +379,8 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
     order = levels(model.graph, [c for c, _ in lost], lambda c: c.node)
     last = _last_level_upstream(model, order)
     for i, level in enumerate(order):
+        ctx.progress("recovery (lsq)", i, len(order))
+
         def final(v: Value, i: int = i) -> bool:  # nothing left to refit upstream of v
             return last.get(id(v.producer()), -1) < i
 
@@ -399,6 +401,7 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
                     fitted.append(c)
             del xs, xp
         recover_install(model, fitted)
+    ctx.progress("recovery (lsq)", len(order), len(order))
     return reports
 
 

@@ -478,7 +478,10 @@ class ChannelImportance:
         self.scores: dict[int, np.ndarray] = {}
         self._prunable = {g.id for g in groups.prunable()}
         options = prepare(criterion, groups.groups, ctx, options)
-        for group in groups.groups:
+        progress = getattr(ctx, "progress", None)
+        for i, group in enumerate(groups.groups):
+            if progress is not None:
+                progress(f"importance ({criterion})", i, len(groups.groups))
             try:
                 raw = evaluate(criterion, group, ctx, options)
             except ImportanceError as e:
@@ -488,6 +491,8 @@ class ChannelImportance:
                 continue
             self.raw[group.id] = raw
             self.scores[group.id] = normalize(raw, normalization)
+        if progress is not None:
+            progress(f"importance ({criterion})", len(groups.groups), len(groups.groups))
 
     def __getitem__(self, group: ChannelGroup | int) -> np.ndarray:
         """Normalized scores of a group (or group id)."""

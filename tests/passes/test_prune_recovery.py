@@ -309,3 +309,17 @@ def test_a_matmul_refit_in_every_step_keeps_one_bias_add():
         errors.append(np.linalg.norm(outputs(pruned) - want) / np.linalg.norm(want))
     # Measured (random weights and data): 0.563 in one step, 0.503 in three.
     assert errors[1] < errors[0]
+
+
+def test_scoring_and_recovery_report_progress():
+    """Scoring and refitting are the long parts of prune (minutes on AlexNet-size FC layers):
+    both report progress, ending at their totals."""
+    model = ir.load(os.path.join(DIGITS, "resnet.onnx"))
+    calls = []
+    ctx = Context(calib=load_calibration(os.path.join(DIGITS, "calib.npz"), model),
+                  progress=lambda desc, done, total: calls.append((desc, done, total)))
+    run(model, "prune:0.5", ctx)
+    for desc in ("importance (recon)", "recovery (lsq)"):
+        steps = [(done, total) for d, done, total in calls if d == desc]
+        assert steps and steps[-1][0] == steps[-1][1] > 1, (desc, steps)
+        assert [done for done, _ in steps] == sorted(done for done, _ in steps)
