@@ -260,7 +260,25 @@ def _state(m: Any, x: np.ndarray, rng: np.random.Generator) -> _Consumer | None:
         return None
     scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
     x_c = x_c * np.float32(1 / scale)
-    g = np.asarray(x_c.T @ x_c, np.float64) * (scale * scale)
+    n, d = x_c.shape
+    try:
+        if n < d:  # fewer rows than columns (a wide Gemm, few samples): work on X itself
+            found = _low_rank(x_c.astype(np.float64) * scale, w2)
+        else:
+            found = _dense(np.asarray(x_c.T @ x_c, np.float64) * (scale * scale), w2)
+    except np.linalg.LinAlgError:
+        return None
+    if found is None:
+        return None
+    p, ph, energy = found
+    cols = [np.concatenate([np.arange(q * taps, (q + 1) * taps) for q in row if q >= 0]
+                           + [np.zeros(0, np.int64)]).astype(np.int64)
+            for row in np.asarray(m.positions)]
+    return _Consumer(cols, p, ph, energy)
+
+
+def _dense(g: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """``(P, P H, energy)`` from the centered Gram matrix ``G`` (``d x d``), ``H = G W2``."""
     if not np.all(np.isfinite(g)):
         return None
     h = g @ w2
@@ -268,14 +286,32 @@ def _state(m: Any, x: np.ndarray, rng: np.random.Generator) -> _Consumer | None:
     if energy <= 0:
         return None
     g[np.diag_indices_from(g)] += RIDGE * max(float(np.trace(g)) / len(g), 1e-12)
-    try:
-        p = np.linalg.inv(g)
-    except np.linalg.LinAlgError:
+    p = np.linalg.inv(g)
+    return p, p @ h, energy
+
+
+def _low_rank(x: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """:func:`_dense` for centered rows ``X`` (``n x d``, ``n < d``) without a ``d x d`` inverse.
+
+    ``P = (X^T X + r I)^-1 = (I - X^T (r I + X X^T)^-1 X) / r`` (Woodbury): ``n x n`` solves
+    and ``d x d x n`` products instead of ``d^3``, and ``H``, ``P H`` through ``X``.
+    """
+    if not np.all(np.isfinite(x)):
         return None
-    cols = [np.concatenate([np.arange(q * taps, (q + 1) * taps) for q in row if q >= 0]
-                           + [np.zeros(0, np.int64)]).astype(np.int64)
-            for row in np.asarray(m.positions)]
-    return _Consumer(cols, p, p @ h, energy)
+    xw = x @ w2  # [n, out]: the centered outputs
+    energy = float(np.sum(xw * xw))
+    if energy <= 0 or not math.isfinite(energy):
+        return None
+    r = RIDGE * max(float(np.sum(x * x)) / x.shape[1], 1e-12)
+    inner = x @ x.T
+    inner[np.diag_indices_from(inner)] += r
+    mx = np.linalg.solve(inner, x)  # (r I + X X^T)^-1 X: [n, d]
+    p = x.T @ mx
+    p *= -1.0 / r
+    p[np.diag_indices_from(p)] += 1.0 / r
+    h = x.T @ xw
+    ph = (h - x.T @ (mx @ h)) / r
+    return p, ph, energy
 
 
 def _channel_level(rows: np.ndarray, w2: np.ndarray, taps: int, rng: np.random.Generator

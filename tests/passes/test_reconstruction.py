@@ -355,3 +355,17 @@ def test_recon_fetches_one_consumer_input_at_a_time(monkeypatch, caplog):
     assert got.keys() == want.keys()
     for gid in want:
         np.testing.assert_array_equal(got[gid], want[gid])
+
+
+def test_recon_state_with_fewer_rows_than_columns_equals_the_dense_one():
+    """A wide Gemm scored on few samples (AlexNet's 4096-wide layers, 8-64 samples) takes the
+    Woodbury path: the same P, P H and energy as the dense d x d inverse."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((12, 40)) * rng.uniform(0.1, 10, 40)
+    x -= x.mean(axis=0)
+    w2 = rng.standard_normal((40, 7))
+    p, ph, energy = reconstruction._low_rank(x, w2)
+    p0, ph0, energy0 = reconstruction._dense(x.T @ x, w2)
+    np.testing.assert_allclose(p, p0, rtol=1e-7, atol=1e-9 * np.abs(p0).max())
+    np.testing.assert_allclose(ph, ph0, rtol=1e-7, atol=1e-9 * np.abs(ph0).max())
+    assert energy == pytest.approx(energy0, rel=1e-12)
