@@ -105,7 +105,12 @@ RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 @dataclass
 class _Moments:
-    """Centered sums over some design rows: enough to solve and score any ``(W, b)``."""
+    """Centered sums over some design rows: enough to solve and score any ``(W, b)``.
+
+    With fewer rows than inputs (a wide Gemm on few samples) the centered rows themselves
+    are kept too (``xc``, ``yc``): solving and scoring through them costs ``n d out`` instead
+    of ``d^2 out`` (see :func:`_solve`).
+    """
 
     n: int
     mx: np.ndarray   # mean of the regression inputs [d]
@@ -114,11 +119,17 @@ class _Moments:
     axy: np.ndarray  # centered X^T Y [d, out]
     yy: float        # centered ||Y||^2
     y_norm2: float   # ||Y||^2
+    xc: np.ndarray | None = None  # centered inputs [n, d] (only when n < d)
+    yc: np.ndarray | None = None  # centered targets [n, out]
 
     def err2(self, w: np.ndarray, b: np.ndarray) -> float:
         """``||X w + b - Y||_F^2`` over the rows."""
         shift = self.mx @ w + b - self.my
-        e = np.sum(w * (self.axx @ w)) - 2 * np.sum(w * self.axy) + self.yy
+        if self.xc is not None:
+            r = self.xc @ w - self.yc
+            e = float(np.sum(r * r))
+        else:
+            e = np.sum(w * (self.axx @ w)) - 2 * np.sum(w * self.axy) + self.yy
         return max(float(e + self.n * shift @ shift), 0.0)
 
     def rel_err(self, w: np.ndarray, b: np.ndarray) -> float:
@@ -133,10 +144,15 @@ class _Moments:
         """The moments of both row sets (Chan's parallel update)."""
         n = self.n + o.n
         dx, dy, f = o.mx - self.mx, o.my - self.my, self.n * o.n / n
-        return _Moments(n, self.mx + dx * o.n / n, self.my + dy * o.n / n,
-                        self.axx + o.axx + f * np.outer(dx, dx),
+        mx, my = self.mx + dx * o.n / n, self.my + dy * o.n / n
+        xc = yc = None
+        if self.xc is not None and o.xc is not None and n < len(mx):
+            xc = np.concatenate([self.xc + (self.mx - mx), o.xc + (o.mx - mx)])
+            yc = np.concatenate([self.yc + (self.my - my), o.yc + (o.my - my)])
+        return _Moments(n, mx, my, self.axx + o.axx + f * np.outer(dx, dx),
                         self.axy + o.axy + f * np.outer(dx, dy),
-                        self.yy + o.yy + f * float(dy @ dy), self.y_norm2 + o.y_norm2)
+                        self.yy + o.yy + f * float(dy @ dy), self.y_norm2 + o.y_norm2,
+                        xc, yc)
 
 
 @dataclass
@@ -173,6 +189,9 @@ class _Design:
         sx = sy = None
         n, axx, axy, sum_x, sum_y, yy, y_norm2 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         cached = bool(cache)
+        keep_rows = len(rows) < len(self.cols)  # few rows: keep them (see _Moments)
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
         for k, i in enumerate(range(0, len(rows), step)):
             r = rows[i:i + step]
             if cached:
@@ -187,15 +206,21 @@ class _Design:
                 sx, sy = xk.mean(axis=0), y.mean(axis=0)
             y_norm2 += float(np.sum(y * y))
             xk, y = xk - sx, y - sy
+            if keep_rows:
+                xs.append(xk)
+                ys.append(y)
             n += len(r)
             axx = axx + xk.T @ xk if gram is None else axx
             axy = axy + xk.T @ y
             sum_x, sum_y = sum_x + xk.sum(axis=0), sum_y + y.sum(axis=0)
             yy += float(np.sum(y * y))
         mx, my = sum_x / n, sum_y / n
+        xc = np.concatenate(xs) - mx if keep_rows else None
+        yc = np.concatenate(ys) - my if keep_rows else None
         return _Moments(n, mx + sx, my + sy,
                         axx - n * np.outer(mx, mx) if gram is None else gram,
-                        axy - n * np.outer(mx, my), yy - n * float(my @ my), y_norm2)
+                        axy - n * np.outer(mx, my), yy - n * float(my @ my), y_norm2,
+                        xc, yc)
 
 
     def _rows(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -266,8 +291,19 @@ def _solve(m: _Moments, ridge: float) -> np.ndarray | None:
     d = m.axx.shape[0]
     diag = np.diagonal(m.axx)
     floor = max(1e-6 * float(diag.mean()) if d else 0.0, np.finfo(float).tiny)
+    pen = ridge * np.maximum(diag, floor)
+    if m.xc is not None and m.n < d and ridge > 0:
+        # (X^T X + A)^-1 X^T Y = A^-1 X^T (I + X A^-1 X^T)^-1 Y: n x n instead of d x d
+        xa = m.xc / pen
+        inner = xa @ m.xc.T
+        inner[np.diag_indices(m.n)] += 1.0
+        try:
+            w = xa.T @ scipy.linalg.solve(inner, m.yc, assume_a="pos", check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        return w if np.all(np.isfinite(w)) else None
     a = m.axx.copy()  # one d x d copy: the factor overwrites it
-    a[np.diag_indices(d)] += ridge * np.maximum(diag, floor)
+    a[np.diag_indices(d)] += pen
     try:
         # a is symmetric: its transpose is the Fortran-ordered array LAPACK factors in place
         # (a C-ordered one is first copied); the result is checked for finiteness below.

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from edgeopt.passes import recovery
 from edgeopt.passes.recovery import (
+    Clamp,
     LayerSpec,
     bias_compensation,
     im2col,
@@ -497,3 +498,40 @@ def test_depthwise_refit_rejects_other_shapes():
     with pytest.raises(ValueError, match="x_inputs has 3 channels, keep 2"):
         recovery.depthwise_refit(np.zeros((4, 1, 3, 3)), None, x, [0, 1], LayerSpec("conv"),
                                  x[:, :3])
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_refit_with_fewer_rows_than_inputs_solves_through_the_rows(monkeypatch, clamp):
+    """A wide Gemm refit on few samples (AlexNet's 4096-wide layers on 8-64 samples) solves
+    and scores through its rows (Woodbury, n x n) instead of the d x d normal equations: the
+    same weights, bias, errors and saturation rounds as the dense path."""
+    rng = np.random.default_rng(21)
+    # 8 latent factors: the removed inputs are predictable from the kept ones
+    x = rng.normal(size=(24, 8)) @ rng.normal(size=(8, 60)) + 0.01 * rng.normal(size=(24, 60))
+    w, b = rng.normal(size=(60, 9)), rng.normal(size=9)
+    keep = np.sort(rng.choice(60, 45, replace=False))
+    relu = Clamp(np.ones(9), np.zeros(9), 0.0, np.inf) if clamp else None
+
+    def refit():
+        return least_squares_refit(w, b, x, keep, LayerSpec("gemm"), clamp=relu)
+
+    rows = refit()
+    calls = []
+    real = recovery._Design.moments
+
+    def dense_moments(self, rows, *args, **kwargs):
+        m = real(self, rows, *args, **kwargs)
+        calls.append(m.xc is not None)
+        m.xc = m.yc = None  # force the d x d path
+        return m
+
+    monkeypatch.setattr(recovery._Design, "moments", dense_moments)
+    dense = refit()
+    assert any(calls)  # the row form was there to be dropped
+    assert rows[2]["method"] == dense[2]["method"] == "refit"
+    assert rows[2]["ridge"] == dense[2]["ridge"]
+    assert rows[2].get("saturation_rounds") == dense[2].get("saturation_rounds")
+    np.testing.assert_allclose(rows[0], dense[0], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(rows[1], dense[1], rtol=1e-7, atol=1e-9)
+    for key in ("rel_err_drop", "rel_err_bias", "rel_err_refit"):
+        assert rows[2][key] == pytest.approx(dense[2][key], rel=1e-7)
