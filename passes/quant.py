@@ -333,6 +333,7 @@ def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
     The other modes report ``nodes_*``, ``weights_*`` and the weight bytes.
     """
     graph, version = model.graph, model.version
+    packed = _csr_packed(graph)
     computed = computed_weights_hint(
         graph, "they stay float; fold them into constants first: -p simplify,quant:...")
     if computed:
@@ -361,6 +362,17 @@ def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
                                  form=opts.form)
     else:
         stats = _static(model, ctx, opts)
+    unpacked = packed - _csr_packed(model.graph)
+    if unpacked:
+        log.warning("quant: %d CSR-packed weights (e.g. %r) are dense after quantization: "
+                    "csr ran before quant; run it after (-p ...,quant:int8,csr) to pack the "
+                    "quantized weights", len(unpacked), sorted(unpacked)[0])
     # The opset conversion replaces the graph; every other change bumps its version.
     return PassResult(modified=model.graph is not graph or model.version != version,
                       stats=stats)
+
+
+def _csr_packed(graph: ir.Graph) -> set[str]:
+    """Names of the main graph's CSR-packed initializers (the ``csr`` pass)."""
+    return {name for name, v in graph.initializers.items()
+            if isinstance(v.const_value, ir.CSRTensor)}
