@@ -447,6 +447,16 @@ def pad(dims, pads, elem, value, x, out):
                   constant_values=fill)
 
 
+@kernel("eo_resize_nearest")
+def resize_nearest(dims, y_idx, x_idx, elem, x, out):
+    """Nearest resize: ``x[n, y_idx[y], x_idx[x], c]`` over ``dims`` = n, in_h, in_w, c, ..."""
+    n, ih, iw, c, oh, ow = (int(d) for d in dims[:6])
+    if elem != x.itemsize:
+        raise InterpretError(f"eo_resize_nearest: element size {elem} for {x.dtype} data")
+    img = x.reshape(n, ih, iw, c)
+    return img[:, np.asarray(y_idx[:oh], np.int64)][:, :, np.asarray(x_idx[:ow], np.int64)]
+
+
 def lower_model(model, prefix: str = "model", sparse: bool = True) -> Program:
     """The Program ``emit_c(model, prefix=prefix)`` writes (same preparation and rules)."""
     from . import _prepare

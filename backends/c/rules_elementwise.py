@@ -457,3 +457,89 @@ def pad(lw: Lowerer, node: Node) -> None:
                [lw.dims_const(dims), lw.dims_const(before + after), src.nbytes // src.size,
                 vc, src, out], [src], [out]))
     _bind_result(lw, node, out, vw)
+
+
+def _attr_str(node: Node, name: str, default: str) -> str:
+    value = node.attr(name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: Resize's coordinate_transformation_mode -> original coordinate of output index x (float32,
+#: as ONNX Runtime computes it).
+_COORDS = {
+    "half_pixel": lambda x, s, n_in, n_out: (x + 0.5) / s - 0.5,
+    "pytorch_half_pixel": lambda x, s, n_in, n_out: (x + 0.5) / s - 0.5 if n_out > 1
+    else x * 0,
+    "align_corners": lambda x, s, n_in, n_out: x * np.float32(n_in - 1) / np.float32(n_out - 1)
+    if n_out > 1 else x * 0,
+    "asymmetric": lambda x, s, n_in, n_out: x / s,
+    "tf_half_pixel_for_nn": lambda x, s, n_in, n_out: (x + 0.5) / s,
+}
+
+
+def nearest_indices(n_in: int, n_out: int, scale: float, coords: str, rounding: str
+                    ) -> np.ndarray:
+    """The input index each output index of a nearest Resize reads (ONNX semantics)."""
+    if coords not in _COORDS:
+        raise LoweringError(f"Resize coordinate_transformation_mode {coords!r} is not supported")
+    x = np.arange(n_out, dtype=np.float32)
+    xo = np.asarray(_COORDS[coords](x, np.float32(scale), n_in, n_out), np.float32)
+    low = np.floor(xo)
+    half = xo - low == np.float32(0.5)
+    if rounding == "round_prefer_floor":
+        idx = np.where(half, low, np.round(xo))
+    elif rounding == "round_prefer_ceil":
+        idx = np.where(half, low + 1, np.round(xo))
+    elif rounding == "floor":
+        idx = low
+    elif rounding == "ceil":
+        idx = np.ceil(xo)
+    else:
+        raise LoweringError(f"Resize nearest_mode {rounding!r} is not supported")
+    return np.clip(idx, 0, n_in - 1).astype(np.int32)
+
+
+@rule("Resize", "Upsample")
+def resize(lw: Lowerer, node: Node) -> None:
+    """Nearest-neighbour Resize over H and W of a 4-D tensor (FPN and YOLO upsampling).
+
+    A gather by index tables computed here, for float and int8 alike (quant gives Resize its
+    input's scale).
+    """
+    mode = _attr_str(node, "mode", "nearest")
+    if mode != "nearest":
+        raise LoweringError(f"Resize mode {mode!r} is not supported (only 'nearest')")
+    if int(node.attr("antialias", 0)) or node.attr("axes", None) is not None:
+        raise LoweringError("Resize with antialias or axes is not supported")
+    xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
+    if len(xs) != 4 or xs[0] != ys[0] or xs[1] != ys[1]:
+        raise LoweringError("Resize is supported over the H and W of a 4-D tensor only")
+    if node.op_type == "Upsample" or len(node.inputs) == 2:  # Upsample, Resize-10: (X, scales)
+        scales = lw.constant(node.inputs[1])
+        coords, rounding = "asymmetric", "round_prefer_floor"
+        if node.op_type == "Upsample":
+            rounding = "floor"  # Upsample-9 picks floor(x / scale)
+    else:
+        scales = lw.constant(node.inputs[2]) if len(node.inputs) > 2 \
+            and node.inputs[2] is not None else None
+        if scales is not None and scales.size == 0:
+            scales = None
+        coords = _attr_str(node, "coordinate_transformation_mode", "half_pixel")
+        rounding = _attr_str(node, "nearest_mode", "round_prefer_floor")
+    if scales is None:  # sizes given: the scale is out / in
+        scales = np.array([1.0, 1.0, ys[2] / xs[2], ys[3] / xs[3]], np.float32)
+    tables = [lw.const(lw.label(node) + axis, "int32_t",
+                       nearest_indices(xs[i], ys[i], float(scales[i]), coords, rounding))
+              for axis, i in (("_rows", 2), ("_cols", 3))]
+    src, vw = _source(lw, node.inputs[0])
+    if src.layout == "flat_hwc":
+        src = lw.as_layout(src, "plain")
+    if src.layout == "nhwc":
+        dims, shape = [xs[0], xs[2], xs[3], xs[1], ys[2], ys[3]], c_shape(ys)[0]
+    else:  # NCHW as [n * c] images of one channel
+        dims, shape = [xs[0] * xs[1], xs[2], xs[3], 1, ys[2], ys[3]], ys
+    out = lw.new_tensor(None, src.ctype, shape, src.layout, None, src.scale, src.zero_point,
+                        base=node.outputs[0].name)
+    lw.emit(Op("eo_resize_nearest", lw.label(node), node.op_type,
+               [lw.dims_const(dims), *tables, src.nbytes // src.size, src, out], [src], [out]))
+    _bind_result(lw, node, out, vw)

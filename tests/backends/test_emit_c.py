@@ -25,7 +25,7 @@ from edgeopt.backends.c.emit import liveness
 from edgeopt.backends.c.memory import greedy_by_size
 from edgeopt.ir.sparse import CSRTensor
 from edgeopt.passes import Context, PassManager
-from edgeopt.passes.calib import load_calibration
+from edgeopt.passes.calib import CalibrationData, load_calibration
 from edgeopt.tools.cli import main
 
 DIGITS = "examples/digits"
@@ -506,3 +506,64 @@ def test_input_shapes_parse_and_are_required_for_symbolic_dims(tmp_path, capsys)
     assert main([str(path), "--emit", "c", "-o", str(tmp_path / "c"), "-q",
                  "--input-shape", "x:1x4x7"]) == 0
     assert "#define M_INPUT0_DIMS {1, 4, 7}" in (tmp_path / "c" / "m_model.h").read_text()
+
+
+def _resize_model(coords: str, rounding: str, sizes: bool, opset: int = 17) -> ir.Model:
+    """x[1,3,5,7] -> Conv 3->4 -> Resize (H x2, W to 11 or x1.6) -> Conv 4->2 (1x1) -> y."""
+    rng = np.random.default_rng(7)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [4, 3, 3, 3],
+                            rng.standard_normal(108).astype(np.float32))
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [2, 4, 1, 1],
+                            rng.standard_normal(8).astype(np.float32))
+    roi = helper.make_tensor("roi", TensorProto.FLOAT, [0], [])
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4] if not sizes else [0],
+                                [1, 1, 2, 1.6] if not sizes else [])
+    size = helper.make_tensor("sizes", TensorProto.INT64, [4], [1, 4, 10, 11])
+    inputs = ["c", "roi", "scales"] + (["sizes"] if sizes else [])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", inputs, ["r"], mode="nearest",
+                              coordinate_transformation_mode=coords, nearest_mode=rounding),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "resize",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w1, w2, roi, scales, size])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ir.from_proto(proto)
+
+
+@pytest.mark.parametrize(("coords", "rounding", "sizes"), [
+    ("asymmetric", "floor", False),  # PP-OCR det, YOLO (PyTorch 'nearest')
+    ("asymmetric", "round_prefer_floor", False),
+    ("half_pixel", "round_prefer_floor", True),
+    ("pytorch_half_pixel", "round_prefer_ceil", False),
+    ("align_corners", "round_prefer_floor", True),
+    ("tf_half_pixel_for_nn", "ceil", False),
+])
+@pytest.mark.parametrize("int8", [False, True])
+def test_nearest_resize_matches_onnxruntime(coords, rounding, sizes, int8, tmp_path):
+    """Nearest Resize (FPN/YOLO upsampling) in C: index tables from the ONNX coordinate and
+    rounding modes, a copy per pixel; float matches ORT to rounding, int8 reads the same
+    integers as ORT's QDQ Resize (quant gives it its input's scale)."""
+    model = _resize_model(coords, rounding, sizes)
+    x = np.random.default_rng(8).standard_normal((3, 1, 3, 5, 7)).astype(np.float32)
+    if int8:
+        calib = CalibrationData.for_model({"x": x.reshape(3, 3, 5, 7)}, model)
+        PassManager("quant:int8,bias_correction=false", verify="end").run(
+            model, Context(calib=calib))
+    out = tmp_path / "c"
+    result = emit_c(model, str(out), prefix="net")
+    assert "eo_resize_nearest" in {layer["kernel"] for layer in result.report["layers"]}
+    exe = compile_c(out)
+    want = np.stack([ort(model, xi) for xi in x])
+    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
+    got = got.reshape(3, 1, want.shape[3], want.shape[4], 2).transpose(0, 1, 4, 2, 3)
+    span = float(want.max() - want.min())
+    assert np.abs(got - want).max() <= (0.03 if int8 else 1e-5) * span
+    if not int8:  # the Python twin of the kernels runs the same program
+        from edgeopt.backends.c.interpret import lower_model, run
+
+        program = lower_model(model, "net")
+        twin = run(program, [x[0].transpose(0, 2, 3, 1)])[0]
+        np.testing.assert_allclose(twin.ravel(), got[0].transpose(0, 2, 3, 1).ravel(),
+                                   rtol=0, atol=1e-5 * span)  # float sums: order differs

@@ -84,3 +84,24 @@ void eo_pad(const int32_t in_dims[4], const int32_t pads[8], int32_t elem_size, 
         }
     }
 }
+
+void eo_resize_nearest(const int32_t dims[6], const int32_t *y_idx, const int32_t *x_idx,
+                       int32_t elem_size, const void *in, void *out)
+{
+    const int32_t n = dims[0], in_h = dims[1], in_w = dims[2], c = dims[3];
+    const int32_t out_h = dims[4], out_w = dims[5];
+    const size_t pixel = (size_t)c * (size_t)elem_size;
+    const uint8_t *src = (const uint8_t *)in;
+    uint8_t *dst = (uint8_t *)out;
+    int32_t b, y, x;
+    for (b = 0; b < n; ++b) {
+        const uint8_t *image = src + (size_t)b * (size_t)in_h * (size_t)in_w * pixel;
+        for (y = 0; y < out_h; ++y) {
+            const uint8_t *row = image + (size_t)y_idx[y] * (size_t)in_w * pixel;
+            for (x = 0; x < out_w; ++x) {
+                memcpy(dst, row + (size_t)x_idx[x] * pixel, pixel);
+                dst += pixel;
+            }
+        }
+    }
+}

@@ -202,6 +202,12 @@ void eo_transpose(const int32_t in_dims[4], const int32_t perm[4], int32_t elem_
 /* 4-D constant pad: pads[0..3] before, pads[4..7] after (all >= 0); value is elem_size bytes. */
 void eo_pad(const int32_t in_dims[4], const int32_t pads[8], int32_t elem_size, const void *value,
             const void *in, void *out);
+/* Nearest-neighbour resize of [n][in_h][in_w][c] to [n][out_h][out_w][c] (NHWC, or NCHW as
+ * [n*c][h][w][1]): output row y reads input row y_idx[y], column x reads x_idx[x] (the ONNX
+ * coordinate and rounding modes are resolved into the tables at compile time).
+ * dims = {n, in_h, in_w, c, out_h, out_w}. */
+void eo_resize_nearest(const int32_t dims[6], const int32_t *y_idx, const int32_t *x_idx,
+                       int32_t elem_size, const void *in, void *out);
 
 /* ---- integrity ------------------------------------------------------------------------- */
 /* CRC-32 (IEEE 802.3, reflected, poly 0xEDB88320, init/xorout 0xFFFFFFFF), incremental:
