@@ -229,6 +229,43 @@ def fc_s8_f32(p, x, w, bias, scale, out):
     return _fclamp(y, p["fact_min"], p["fact_max"])
 
 
+def _transpose_sums(p: dict, x: np.ndarray, w: np.ndarray, dtype) -> np.ndarray:
+    """ConvTranspose sums ``[N, OH, OW, OC]`` by scatter (the C gathers the same terms)."""
+    n, ih, iw = p["batch"], p["in_h"], p["in_w"]
+    groups, oc = p["groups"], p["out_c"]
+    icg, ocg = p["in_c"] // groups, oc // groups
+    w = np.asarray(w).reshape(oc, p["k_h"], p["k_w"], icg).astype(dtype)
+    acc = np.zeros((n, p["out_h"], p["out_w"], oc), dtype)
+    x = x.reshape(n, ih, iw, p["in_c"]).astype(dtype)
+    for ky in range(p["k_h"]):
+        oy = np.arange(ih) * p["stride_h"] - p["pad_top"] + ky * p["dil_h"]
+        iy = np.flatnonzero((oy >= 0) & (oy < p["out_h"]))
+        for kx in range(p["k_w"]):
+            ox = np.arange(iw) * p["stride_w"] - p["pad_left"] + kx * p["dil_w"]
+            ix = np.flatnonzero((ox >= 0) & (ox < p["out_w"]))
+            for g in range(groups):
+                part = x[:, iy][:, :, ix][..., g * icg:(g + 1) * icg] @ \
+                    w[g * ocg:(g + 1) * ocg, ky, kx].T
+                acc[:, oy[iy][:, None], ox[ix][None, :], g * ocg:(g + 1) * ocg] += part
+    return acc
+
+
+@kernel("eo_conv_transpose_s8")
+def conv_transpose_s8(p, x, w, bias, mult, shift, out):
+    """int8 ConvTranspose: exact int64 sums, then Conv's per-channel requantization."""
+    acc = _transpose_sums(p, np.asarray(x, np.int64) + p["in_offset"], w, np.int64)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64)
+    return ref._out8(ref._wrap32(acc), mult, shift, p["out_offset"], _act(p))
+
+
+@kernel("eo_conv_transpose_f32")
+def conv_transpose_f32(p, x, w, bias, out):
+    """Float ConvTranspose (float32 sums; the order differs from C's)."""
+    y = _transpose_sums(p, x, w, np.float32) + (0 if bias is None else bias.astype(np.float32))
+    return _fclamp(y, p["fact_min"], p["fact_max"])
+
+
 @kernel("eo_conv_f32", "eo_conv_f32_csr")
 def conv_f32(p, x, w, bias, out):
     """Float conv: per group, windows times the OHWI rows, in float32."""

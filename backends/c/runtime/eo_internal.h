@@ -84,6 +84,15 @@ static inline int32_t eo_i_nhwc(int32_t b, int32_t y, int32_t x, int32_t h, int3
     return ((b * h + y) * w + x) * c;
 }
 
+/* The input index whose ConvTranspose scatter lands on output o through tap k
+ * (o + pad - k * dil = i * stride, 0 <= i < n), or -1 when no input does. */
+static inline int32_t eo_i_tconv_src(int32_t o, int32_t k, int32_t pad, int32_t dil,
+                                     int32_t stride, int32_t n)
+{
+    const int32_t t = o + pad - k * dil;
+    return (t < 0 || t % stride != 0 || t / stride >= n) ? -1 : t / stride;
+}
+
 /* Decode column `col` of a conv CSR row into its (kh, kw, ic) position: *tap = kh * k_w + kw. */
 static inline void eo_i_csr_col(int32_t col, int32_t icg, int32_t *tap, int32_t *ic)
 {

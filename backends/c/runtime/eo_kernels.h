@@ -110,6 +110,12 @@ void eo_depthwise_conv_s8(const eo_conv_params *p, const int8_t *in, const int8_
                           int8_t *out);
 void eo_conv_s8_csr(const eo_conv_params *p, const int8_t *in, const eo_csr *w,
                     const int32_t *bias, const int32_t *mult, const int32_t *shift, int8_t *out);
+/* ConvTranspose (gather form): output (oy, ox, oc) sums input (iy, ix) where
+ * oy + pad_top - ky * dil_h = iy * stride_h (likewise x), weights [out_c][k_h][k_w][in_c/groups];
+ * in/out dims and pads as in eo_conv_params (pads = ConvTranspose's begin pads). */
+void eo_conv_transpose_s8(const eo_conv_params *p, const int8_t *in, const int8_t *w,
+                          const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                          int8_t *out);
 void eo_fc_s8(const eo_fc_params *p, const int8_t *in, const int8_t *w, const int32_t *bias,
               const int32_t *mult, const int32_t *shift, int8_t *out);
 /* int8 input and weights, float32 output (a layer whose output is not quantized):
@@ -159,6 +165,8 @@ typedef struct {
 void eo_prelu_s8(const eo_prelu_params *p, const int8_t *in, int8_t *out, int32_t n);
 
 /* ---- float32 kernels (same parameter blocks; int8 fields ignored) ---------------------- */
+void eo_conv_transpose_f32(const eo_conv_params *p, const float *in, const float *w,
+                           const float *bias, float *out);
 void eo_conv_f32(const eo_conv_params *p, const float *in, const float *w, const float *bias,
                  float *out);
 void eo_depthwise_conv_f32(const eo_conv_params *p, const float *in, const float *w,

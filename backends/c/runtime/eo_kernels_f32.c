@@ -127,6 +127,49 @@ void eo_depthwise_conv_f32(const eo_conv_params *p, const float *in, const float
     }
 }
 
+/* ConvTranspose sum of output (b, oy, ox, oc): the taps whose input scatters onto it. */
+static float eo_tconv_acc_f32(const eo_conv_params *p, const float *in, const float *w,
+                              int32_t b, int32_t oy, int32_t ox, int32_t oc)
+{
+    const int32_t icg = p->in_c / p->groups, c0 = (oc / (p->out_c / p->groups)) * icg;
+    float acc = 0.0f;
+    int32_t ky, kx, ic;
+    for (ky = 0; ky < p->k_h; ++ky) {
+        const int32_t iy = eo_i_tconv_src(oy, ky, p->pad_top, p->dil_h, p->stride_h, p->in_h);
+        for (kx = 0; iy >= 0 && kx < p->k_w; ++kx) {
+            const int32_t ix = eo_i_tconv_src(ox, kx, p->pad_left, p->dil_w, p->stride_w,
+                                              p->in_w);
+            const float *x, *wk;
+            if (ix < 0) {
+                continue;
+            }
+            x = in + eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) + c0;
+            wk = w + ((oc * p->k_h + ky) * p->k_w + kx) * icg;
+            for (ic = 0; ic < icg; ++ic) {
+                acc += wk[ic] * x[ic];
+            }
+        }
+    }
+    return acc;
+}
+
+void eo_conv_transpose_f32(const eo_conv_params *p, const float *in, const float *w,
+                           const float *bias, float *out)
+{
+    int32_t b, oy, ox, oc;
+    for (b = 0; b < p->batch; ++b) {
+        for (oy = 0; oy < p->out_h; ++oy) {
+            for (ox = 0; ox < p->out_w; ++ox) {
+                for (oc = 0; oc < p->out_c; ++oc) {
+                    const float acc = (bias != 0 ? bias[oc] : 0.0f) +
+                                      eo_tconv_acc_f32(p, in, w, b, oy, ox, oc);
+                    *out++ = eo_i_fclamp(acc, p->fact_min, p->fact_max);
+                }
+            }
+        }
+    }
+}
+
 void eo_fc_f32(const eo_fc_params *p, const float *in, const float *w, const float *bias,
                float *out)
 {

@@ -215,3 +215,46 @@ void eo_fc_s8_csr(const eo_fc_params *p, const int8_t *in, const eo_csr *w, cons
         }
     }
 }
+
+/* ConvTranspose int32 sum of output (b, oy, ox, oc), as eo_tconv_acc_f32. */
+static int32_t eo_tconv_acc_s8(const eo_conv_params *p, const int8_t *in, const int8_t *w,
+                               int32_t b, int32_t oy, int32_t ox, int32_t oc)
+{
+    const int32_t icg = p->in_c / p->groups, c0 = (oc / (p->out_c / p->groups)) * icg;
+    int32_t acc = 0, ky, kx, ic;
+    for (ky = 0; ky < p->k_h; ++ky) {
+        const int32_t iy = eo_i_tconv_src(oy, ky, p->pad_top, p->dil_h, p->stride_h, p->in_h);
+        for (kx = 0; iy >= 0 && kx < p->k_w; ++kx) {
+            const int32_t ix = eo_i_tconv_src(ox, kx, p->pad_left, p->dil_w, p->stride_w,
+                                              p->in_w);
+            const int8_t *x, *wk;
+            if (ix < 0) {
+                continue;
+            }
+            x = in + eo_i_nhwc(b, iy, ix, p->in_h, p->in_w, p->in_c) + c0;
+            wk = w + ((oc * p->k_h + ky) * p->k_w + kx) * icg;
+            for (ic = 0; ic < icg; ++ic) {
+                acc += (int32_t)wk[ic] * ((int32_t)x[ic] + p->in_offset);
+            }
+        }
+    }
+    return acc;
+}
+
+void eo_conv_transpose_s8(const eo_conv_params *p, const int8_t *in, const int8_t *w,
+                          const int32_t *bias, const int32_t *mult, const int32_t *shift,
+                          int8_t *out)
+{
+    int32_t b, oy, ox, oc;
+    for (b = 0; b < p->batch; ++b) {
+        for (oy = 0; oy < p->out_h; ++oy) {
+            for (ox = 0; ox < p->out_w; ++ox) {
+                for (oc = 0; oc < p->out_c; ++oc) {
+                    *out++ = eo_requant_out(eo_tconv_acc_s8(p, in, w, b, oy, ox, oc), bias, oc,
+                                            mult, shift, p->out_offset, p->act_min,
+                                            p->act_max);
+                }
+            }
+        }
+    }
+}
