@@ -294,6 +294,11 @@ class Node:
         attr = self.attrs.get(name)
         return default if attr is None else attr.value
 
+    def attr_str(self, name: str, default: str) -> str:
+        """A string attribute as ``str`` (ONNX stores them as bytes), or ``default``."""
+        value = self.attr(name, default)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     def subgraphs(self) -> Iterator[Graph]:
         """Graphs held directly in this node's attributes (not recursive)."""
         for attr in self.attrs.values():

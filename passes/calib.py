@@ -396,11 +396,10 @@ def synthetic_dims(value: Value, input_shapes: Mapping[str, Sequence[int]] | Non
             dims.append(d)
         elif isinstance(d, str) and d in sizes:
             dims.append(int(sizes[d]))
-        elif axis == 0:
+        else:  # the batch is 1 per run; any other unsized dim is an error below
             dims.append(1)
-        else:
-            dims.append(1)
-            free.append(axis)
+            if axis:
+                free.append(axis)
     if free:
         example = "x".join(f"D{i}" if i in free else str(n) for i, n in enumerate(dims))
         raise CalibrationError(

@@ -260,38 +260,26 @@ class _Estimator:
         return params, macs
 
 
-def _macs_by_output(model: Model, shapes: dict[str, tuple[int, ...]] | None
-                    ) -> dict[str, int | None]:
-    """MACs per layer (by output name), None where shapes are unknown; {} if unavailable."""
+def _layer_macs(model: Model, shapes: dict[str, tuple[int, ...]] | None
+                ) -> dict[str, int] | None:
+    """MACs per layer at batch 1 (by output name; layers of unknown shape count 0).
+
+    None while an input has symbolic dims besides the batch that ``shapes`` does not give
+    (MACs would depend on sizes nobody stated); {} when costs cannot be computed at all.
+    """
+    if unbound_inputs(model, shapes):
+        return None
     try:
         costs = layer_costs(bind_batch(model, 1, shapes))
     except Exception as e:  # costs are a report, never a reason to fail
         log.debug("prune: MACs unavailable: %s", e)
         return {}
     outputs = {n.name or n.outputs[0].name: n.outputs[0].name for n in model.walk()}
-    return {outputs.get(c.node, c.node): c.macs for c in costs}
+    return {outputs.get(c.node, c.node): c.macs or 0 for c in costs}
 
 
-def _known_macs(model: Model, shapes: dict[str, tuple[int, ...]] | None) -> dict[str, int]:
-    """MACs per layer for ``target=macs`` (layers of unknown shape count 0).
-
-    Raises:
-        OptionError: an input has symbolic dims besides the batch and no shape binds them.
-    """
-    free = unbound_inputs(model, shapes)
-    if free:
-        raise OptionError(f"target=macs: MACs depend on the sizes of input {free[0].name!r} "
-                          f"{format_shape(free[0].shape)}, which has symbolic dims besides "
-                          "the batch; give calibration data (--calib) or --input-shape "
-                          "NAME:DxD..")
-    return {name: m or 0 for name, m in _macs_by_output(model, shapes).items()}
-
-
-def _total_macs(model: Model, shapes: dict[str, tuple[int, ...]] | None) -> int | None:
-    """MACs at batch 1 (layers of unknown shape count 0); None if input sizes are unknown."""
-    if unbound_inputs(model, shapes):
-        return None
-    return sum(m or 0 for m in _macs_by_output(model, shapes).values())
+def _total(macs: dict[str, int] | None) -> int | None:
+    return None if macs is None else sum(macs.values())
 
 
 def _search_ratio(groups: list[ChannelGroup], scores: Mapping[int, np.ndarray],
@@ -430,14 +418,21 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     if not candidates:
         log.warning("prune: %s", nothing_to_prune(cg, bool(opts.exclude)))
     shapes = ctx.input_shapes()
-    params_before, macs_before = model_stats(model).params, _total_macs(model, shapes)
+    layer_macs = _layer_macs(model, shapes)
+    params_before, macs_before = model_stats(model).params, _total(layer_macs)
     removed: dict[int, np.ndarray] = {}
     if candidates and (opts.ratio > 0 or opts.thresh is not None or opts.overrides):
         scores, consumers, act = _rank(model, ctx, cg, candidates, opts)
         if opts.target == "channels":
             removed = plan(candidates, scores, opts)
         else:
-            macs = _known_macs(model, shapes) if opts.target == "macs" else {}
+            if opts.target == "macs" and layer_macs is None:
+                free = unbound_inputs(model, shapes)[0]
+                raise OptionError(f"target=macs: MACs depend on the sizes of input "
+                                  f"{free.name!r} {format_shape(free.shape)}, which has symbolic "
+                                  "dims besides the batch; give calibration data (--calib) or "
+                                  "--input-shape NAME:DxD..")
+            macs = layer_macs or {}
             removed = _search_ratio(candidates, scores, opts, cg, _Estimator(model, cg, macs))
         removed = keep_nonempty(cg, removed, scores)
     stats: dict[str, int | float] = {
@@ -484,7 +479,7 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
         stats["recon_err_drop_mean"] = float(np.mean([r["drop"] for r in reports]))
         stats["recon_err_after_mean"] = float(np.mean([r["after"] for r in reports]))
     params_after = model_stats(model).params
-    macs_after = _total_macs(model, shapes)
+    macs_after = _total(_layer_macs(model, shapes))
     if macs_after is not None:
         stats["macs_after"] = macs_after
     stats.update(params_after=params_after,

@@ -347,9 +347,10 @@ def quant(model: Model, ctx: Context, opts: QuantOptions) -> PassResult:
 
         stats = quantize_dynamic(model, per_channel=opts.per_channel, skip=_skip(opts),
                                  conv=opts.conv)
-        convs = sum(1 for n in graph if n.op_type == "Conv" and len(n.inputs) > 1
-                    and constant_tensor(n.inputs[1], model) is not None)
-        if not stats.get("nodes_quantized") and convs and opts.conv == "float" and not computed:
+        convs = 0 if stats.get("nodes_quantized") or opts.conv != "float" or computed else \
+            sum(1 for n in graph if n.op_type == "Conv" and len(n.inputs) > 1
+                and constant_tensor(n.inputs[1], model) is not None)
+        if convs:
             log.warning("quant: mode=dynamic changed nothing: it runs MatMul/Gemm by constant "
                         "weights in int8, and the model's %d Convs stay float (conv=integer "
                         "makes them ConvInteger, slower than float Conv in ONNX Runtime on most "

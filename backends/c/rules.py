@@ -142,8 +142,7 @@ def conv_geometry(node: Node, x: tuple[int, ...], y: tuple[int, ...], k: tuple[i
     """Strides, dilations and top/left padding of a 2-D Conv or pool (``pads`` or auto_pad)."""
     strides = list(node.attr("strides", [1, 1]))
     dil = list(node.attr("dilations", [1, 1]))
-    auto = node.attr("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = node.attr_str("auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = []
         for i in range(2):
@@ -310,9 +309,8 @@ def conv_transpose(lw: Lowerer, node: Node) -> None:
     """
     x = node.inputs[0]
     xs, ys = lw.shape(x), lw.shape(node.outputs[0])
-    auto = node.attr("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if len(xs) != 4 or node.attr("output_shape", None) is not None or auto != "NOTSET":
+    if len(xs) != 4 or node.attr("output_shape", None) is not None \
+            or node.attr_str("auto_pad", "NOTSET") != "NOTSET":
         raise LoweringError("only 2-D ConvTranspose with explicit pads (no output_shape or "
                             "auto_pad) is supported")
     group = int(node.attr("group", 1))

@@ -419,8 +419,7 @@ def concat(lw: Lowerer, node: Node) -> None:
 @rule("Pad")
 def pad(lw: Lowerer, node: Node) -> None:
     """Constant padding of a tensor of rank <= 4 (pads of an NCHW tensor applied in NHWC)."""
-    mode = node.attr("mode", "constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = node.attr_str("mode", "constant")
     if mode != "constant":
         raise LoweringError(f"Pad mode {mode!r} is not supported")
     pads = lw.constant(node.inputs[1]) if len(node.inputs) > 1 else np.array(node.attr("pads"))
@@ -457,11 +456,6 @@ def pad(lw: Lowerer, node: Node) -> None:
                [lw.dims_const(dims), lw.dims_const(before + after), src.nbytes // src.size,
                 vc, src, out], [src], [out]))
     _bind_result(lw, node, out, vw)
-
-
-def _attr_str(node: Node, name: str, default: str) -> str:
-    value = node.attr(name, default)
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 #: Resize's coordinate_transformation_mode -> original coordinate of output index x (float32,
@@ -506,7 +500,7 @@ def resize(lw: Lowerer, node: Node) -> None:
     A gather by index tables computed here, for float and int8 alike (quant gives Resize its
     input's scale).
     """
-    mode = _attr_str(node, "mode", "nearest")
+    mode = node.attr_str("mode", "nearest")
     if mode != "nearest":
         raise LoweringError(f"Resize mode {mode!r} is not supported (only 'nearest')")
     if int(node.attr("antialias", 0)) or node.attr("axes", None) is not None:
@@ -524,8 +518,8 @@ def resize(lw: Lowerer, node: Node) -> None:
             and node.inputs[2] is not None else None
         if scales is not None and scales.size == 0:
             scales = None
-        coords = _attr_str(node, "coordinate_transformation_mode", "half_pixel")
-        rounding = _attr_str(node, "nearest_mode", "round_prefer_floor")
+        coords = node.attr_str("coordinate_transformation_mode", "half_pixel")
+        rounding = node.attr_str("nearest_mode", "round_prefer_floor")
     if scales is None:  # sizes given: the scale is out / in
         scales = np.array([1.0, 1.0, ys[2] / xs[2], ys[3] / xs[3]], np.float32)
     tables = [lw.const(lw.label(node) + axis, "int32_t",

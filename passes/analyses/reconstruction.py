@@ -251,30 +251,36 @@ def _state(m: Any, x: np.ndarray, rng: np.random.Generator) -> _Consumer | None:
         rows, w2 = _channel_level(rows, w2, taps, rng)
         taps = 1
     x_c = rows - rows.mean(axis=0)
-    # float32 products overflow past |x| ~ 1e17 over MAX_ROWS rows (it happens: the onnx
-    # light models' constant weights grow activations layer by layer): the product is taken
-    # on data scaled by a power of two (exact), the scale restored in float64.
-    peak = float(np.max(np.abs(x_c))) if x_c.size else 0.0
-    if not math.isfinite(peak):
-        log.debug("recon: non-finite inputs of %s: not measured", m.value.name)
-        return None
-    scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
-    x_c = x_c * np.float32(1 / scale)
     n, d = x_c.shape
-    try:
-        if n < d:  # fewer rows than columns (a wide Gemm, few samples): work on X itself
-            found = _low_rank(x_c.astype(np.float64) * scale, w2)
-        else:
-            found = _dense(np.asarray(x_c.T @ x_c, np.float64) * (scale * scale), w2)
+    try:  # fewer rows than columns (a wide Gemm on few samples): work on X itself
+        found = _low_rank(x_c.astype(np.float64), w2) if n < d else _dense(_gram(x_c), w2)
     except np.linalg.LinAlgError:
         return None
     if found is None:
+        log.debug("recon: %s measures nothing (no output energy, or non-finite inputs)",
+                  m.value.name)
         return None
     p, ph, energy = found
     cols = [np.concatenate([np.arange(q * taps, (q + 1) * taps) for q in row if q >= 0]
                            + [np.zeros(0, np.int64)]).astype(np.int64)
             for row in np.asarray(m.positions)]
     return _Consumer(cols, p, ph, energy)
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    """``X^T X`` in float64 from float32 products, without overflow.
+
+    float32 products overflow past |x| ~ 1e17 over MAX_ROWS rows (it happens: the onnx
+    light models' constant weights grow activations layer by layer): the product is taken on
+    data scaled by a power of two (exact), the scale restored in float64. Non-finite data
+    gives a non-finite result.
+    """
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if not math.isfinite(peak):
+        return np.full((x.shape[1], x.shape[1]), np.nan)
+    scale = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
+    xs = x * np.float32(1 / scale)
+    return np.asarray(xs.T @ xs, np.float64) * (scale * scale)
 
 
 def _dense(g: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
