@@ -45,9 +45,9 @@ from .recovery import (
     reestimate_batchnorm,
 )
 
-__all__ = ["META_KEY", "Consumer", "Origins", "dead_channels", "find_consumers", "find_depthwise",
-           "recover_install",
-           "recover_prepare", "recover_sequential"]
+__all__ = ["META_KEY", "Consumer", "Deferred", "Origins", "dead_channels", "find_consumers",
+           "find_depthwise", "recover_install", "recover_prepare", "recover_sequential",
+           "upstream"]
 
 log = logging.getLogger("edgeopt.passes.prune")
 
@@ -344,9 +344,24 @@ def recover_prepare(model: Model, ctx: Context, consumers: list[Consumer], keep:
     return reports
 
 
+@dataclass
+class Deferred:
+    """Refits owed across ``sequential`` rounds (see :func:`recover_sequential`).
+
+    Attributes:
+        pending: names of the layers that lost channels or whose inputs drifted since they
+            were last refit.
+        due: names of the layers whose refits are due this round (None: all of them).
+    """
+
+    pending: set[str] = dataclasses.field(default_factory=set)
+    due: set[str] | None = None
+
+
 def recover_sequential(model: Model, ctx: Context, original: Model, consumers: list[Consumer],
                        keep: Keep, samples: int, depthwise: list[Consumer] | None = None,
-                       origins: Origins | None = None) -> list[dict]:
+                       origins: Origins | None = None, deferred: Deferred | None = None
+                       ) -> list[dict]:
     """Least-squares refit of every consumer, level by level, on the pruned model's inputs.
 
     Each consumer's targets are its outputs in the ``original`` (unpruned) model; its inputs
@@ -363,17 +378,31 @@ def recover_sequential(model: Model, ctx: Context, original: Model, consumers: l
     before the first step), each consumer is fitted with its unpruned weights over the
     unpruned indices of its kept channels: every step fits the unpruned outputs rather than
     the previous step's fit of them.
+
+    With ``deferred`` (and ``origins``) the layers this round affects join
+    ``deferred.pending``, and only the pending ones in ``deferred.due`` are refit now; the
+    others wait for a later round (a layer refit later fits the unpruned outputs all the
+    same, over its kept channels then).
     """
     lost = [(c, np.flatnonzero(keep(c.rec.atoms))) for c in consumers]
     drifted = _downstream([c.node for c, k in lost if len(k) < len(c.rec.atoms)])
-    lost = [(c, k) for c, k in lost if len(k) < len(c.rec.atoms) or id(c.node) in drifted]
-    lost += [(c, np.flatnonzero(keep(c.rec.atoms))) for c in depthwise or ()
-             if id(c.node) in drifted]
+    affected = {node_name(c.node) for c, k in lost
+                if len(k) < len(c.rec.atoms) or id(c.node) in drifted}
+    affected |= {node_name(c.node) for c in depthwise or () if id(c.node) in drifted}
+    lost += [(c, np.flatnonzero(keep(c.rec.atoms))) for c in depthwise or ()]
+    if deferred is None:
+        lost = [(c, k) for c, k in lost if node_name(c.node) in affected]
+    else:
+        deferred.pending |= affected
+        lost = [(c, k) for c, k in lost if node_name(c.node) in deferred.pending
+                and (deferred.due is None or node_name(c.node) in deferred.due)]
+        deferred.pending -= {node_name(c.node) for c, _ in lost}
     kept = {id(c): k for c, k in lost}
     ref = Activations(original, ctx, values=())  # size estimates for _chunks
     # Each cache runs only the nodes between the values it holds and the ones asked for:
     # about one pass over each model in all, instead of one per level.
-    ref_x = ActivationCache(original, ctx, samples, max_bytes=ref.max_bytes // 2)
+    ref_x = origins.activations(ctx, samples, ref.max_bytes // 2) if origins is not None \
+        else ActivationCache(original, ctx, samples, max_bytes=ref.max_bytes // 2)
     now_x = ActivationCache(model, ctx, samples, max_bytes=ref.max_bytes // 2)
     reports = []
     order = levels(model.graph, [c for c, _ in lost], lambda c: c.node)
@@ -420,6 +449,13 @@ class Origins:
         self.model = unpruned
         self._unpruned = {_consumer_key(c): c for c in consumers}
         self._maps: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+        self._cache: ActivationCache | None = None
+
+    def activations(self, ctx: Context, samples: int, max_bytes: int) -> ActivationCache:
+        """An activation cache of the unpruned model, kept from one step to the next."""
+        if self._cache is None:
+            self._cache = ActivationCache(self.model, ctx, samples, max_bytes=max_bytes)
+        return self._cache
 
     def view(self, c: Consumer, kept: np.ndarray, out_kept: np.ndarray | None
              ) -> tuple[Consumer, np.ndarray, np.ndarray | None]:
@@ -478,16 +514,8 @@ def _residual_offset(c: Consumer, final: Callable[[Value], bool], out_kept: np.n
     bn = _following_bn(c.node)
     if c.depthwise or c.clamp is not None or (bn is not None and c.bn0 is None):
         return None
-    out = (bn or c.node).outputs[0]
-    users = out.consumers()
-    if len(users) != 1 or out.is_graph_output() or users[0].op_type not in ("Add", "Sum") \
-            or len(users[0].inputs) != 2:
-        return None
-    other = [v for v in users[0].inputs if v is not out]
-    if len(other) != 1 or other[0] is None or other[0].const_value is not None:
-        return None
-    s = other[0]
-    if not final(s):
+    s = _shortcut(c.node)
+    if s is None or not final(s):
         return None
     axis = 1 if c.spec.kind == "conv" else -1
     ref = ref_x.get([s.name])[s.name]
@@ -509,6 +537,44 @@ def _residual_offset(c: Consumer, final: Callable[[Value], bool], out_kept: np.n
         shape[axis] = -1
         offset *= inv.reshape(shape).astype(np.float32)  # a dead BN channel: no offset
     return offset
+
+
+def _shortcut(node: Node) -> Value | None:
+    """The shortcut of the residual sum ``node`` feeds, if any.
+
+    That is the other addend of the two-input Add/Sum that ``node``'s output (through its
+    BatchNormalization) alone feeds, when it is not a constant.
+    """
+    out = (_following_bn(node) or node).outputs[0]
+    users = out.consumers()
+    if len(users) != 1 or out.is_graph_output() or users[0].op_type not in ("Add", "Sum") \
+            or len(users[0].inputs) != 2:
+        return None
+    other = [v for v in users[0].inputs if v is not out]
+    if len(other) != 1 or other[0] is None or other[0].const_value is not None:
+        return None
+    return other[0]
+
+
+def upstream(nodes: list[Node]) -> set[str]:
+    """Names of the nodes whose refits the refits of ``nodes`` depend on.
+
+    That is ``nodes``, every node whose outputs they read, and the producers of the
+    shortcut of every residual sum one of those feeds (a layer feeding one is fitted
+    against its shortcut, see :func:`_residual_offset`), transitively.
+    """
+    seen: set[str] = set()
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node_name(node) in seen:
+            continue
+        seen.add(node_name(node))
+        shortcut = _shortcut(node)
+        for v in (*node.inputs, shortcut):
+            if v is not None and (producer := v.producer()) is not None:
+                todo.append(producer)
+    return seen
 
 
 def _downstream(nodes: list[Node]) -> set[int]:

@@ -42,6 +42,7 @@ from ._prune_recover import (
 )
 from ._prune_recover import (
     Consumer,
+    Deferred,
     Origins,
     dead_channels,
     find_consumers,
@@ -49,11 +50,12 @@ from ._prune_recover import (
     recover_install,
     recover_prepare,
     recover_sequential,
+    upstream,
 )
 from ._registry import register_pass
 from ._util import NameGen, computed_weights_hint, replace_constant_input
 from .analyses.activations import Activations
-from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record
+from .analyses.channel_groups import ChannelGroup, ChannelGroups, Keep, Record, node_name
 from .analyses.costs import MAC_RULES, bind_batch, layer_costs, unbound_inputs
 from .dce import dce
 
@@ -97,6 +99,14 @@ class PruneOptions:
             rank, remove and refit (kept counts shrink geometrically); each round ranks
             channels on the model the previous one refit, and every round's refit fits
             the unpruned model's outputs (not the previous round's fit of them).
+        sequential: (``recover=lsq`` only, instead of ``steps``) prune the groups one at a
+            time in graph order, each to its final count: a group's channels are ranked on
+            the model whose earlier groups are already pruned and refit, so the choice sees
+            the error they left (channel pruning by layer-wise reconstruction, He et al.
+            2017; ThiNet). Every refit fits the unpruned model's outputs, as with ``steps``.
+            A round refits what the next ranking reads; the rest waits for the last round.
+            Costs a ranking per group and about 2.5x the refits of one shot (light
+            ResNet-50 at 0.5: 334 s instead of 52).
     """
 
     ratio: float = 0.5
@@ -111,6 +121,7 @@ class PruneOptions:
     recover: Literal["auto", "off", "bias", "lsq"] = "auto"
     recover_samples: int = 256
     steps: int = 1
+    sequential: bool = False
 
     def override_ratios(self) -> list[tuple[str, float]]:
         """``overrides`` parsed into ``(pattern, ratio)`` pairs (see :func:`parse_overrides`)."""
@@ -129,6 +140,9 @@ class PruneOptions:
             raise ValueError("recover_samples must be >= 1")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
+        if self.sequential and self.steps > 1:
+            raise ValueError(f"sequential prunes one group per round; it cannot be combined "
+                             f"with steps={self.steps}")
         if self.thresh is not None and self.target != "channels":
             raise ValueError("thresh removes channels by score; it cannot be combined with "
                              f"target={self.target}")
@@ -204,9 +218,13 @@ def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in _names(group))
 
 
-def _scores(ctx: Context, groups: list[ChannelGroup], criterion: str
+def _scores(ctx: Context, cg: ChannelGroups, groups: list[ChannelGroup], criterion: str
             ) -> dict[int, np.ndarray]:
-    """Normalized importance of each group's channels."""
+    """Normalized importance of each group's channels.
+
+    Every group is scored (the cached analysis) unless ``groups`` are only some of the
+    prunable ones (a ``sequential`` round): then only those.
+    """
     try:
         from .analyses.importance import ChannelImportance
     except ImportError:  # the importance analysis is optional: plain L1 of the filters
@@ -215,8 +233,21 @@ def _scores(ctx: Context, groups: list[ChannelGroup], criterion: str
                               "(edgeopt.passes.analyses.importance), which is unavailable; "
                               "only l1 works without it") from None
         return {g.id: _l1(g) for g in groups}
-    importance = ctx.analysis(ChannelImportance, criterion=criterion)
+    if len(groups) < len(cg.prunable()):
+        importance = ChannelImportance.from_groups(_Some(groups), ctx, criterion)
+    else:
+        importance = ctx.analysis(ChannelImportance, criterion=criterion)
     return {g.id: np.asarray(importance[g], dtype=np.float64) for g in groups}
+
+
+@dataclass(frozen=True)
+class _Some:
+    """Some groups, as :meth:`ChannelImportance.from_groups` takes them."""
+
+    groups: list[ChannelGroup]
+
+    def prunable(self) -> list[ChannelGroup]:
+        return self.groups
 
 
 def _l1(group: ChannelGroup) -> np.ndarray:
@@ -412,8 +443,9 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
     mode = opts.recover if opts.recover != "auto" else "lsq" if ctx.calib is not None else "off"
     if mode != "off" and ctx.calib is None:
         raise OptionError(f"recover={mode} needs calibration data (--calib)")
-    if opts.steps > 1 and mode != "lsq":
-        raise OptionError(f"steps={opts.steps} refits between rounds: it needs recover=lsq "
+    if (opts.steps > 1 or opts.sequential) and mode != "lsq":
+        what = "sequential" if opts.sequential else f"steps={opts.steps}"
+        raise OptionError(f"{what} refits between rounds: it needs recover=lsq "
                           f"(and --calib), not recover={mode}")
     if not candidates:
         log.warning("prune: %s", nothing_to_prune(cg, bool(opts.exclude)))
@@ -453,26 +485,46 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
         log.info("prune: group %d (%s): %d -> %d channels", gid,
                  ", ".join(cg.groups[gid].producers[:3]), cg.groups[gid].size,
                  cg.groups[gid].size - len(channels))
-    steps = opts.steps
     final = {_key(cg.groups[gid]): (cg.groups[gid].size, cg.groups[gid].size - len(ch))
              for gid, ch in removed.items()}
-    reports: list[dict] = []
+    sequence = _graph_order(model, final) if opts.sequential else None
+    steps = len(sequence) if sequence is not None else opts.steps
+    merged: dict[str, dict] = {}  # layer -> recovery report
+    # sequential: a round refits only what the next round's ranking reads (see _due)
+    deferred = Deferred() if sequence is not None else None
     origins = None
     if steps > 1 and mode == "lsq" and ctx.calib is not None:
         # Every step fits the unpruned model's outputs (see Origins).
         unpruned = model.clone()
         ucg = ChannelGroups(unpruned)
         origins = Origins(unpruned, find_consumers(unpruned, ucg) + find_depthwise(unpruned, ucg))
-    for step in range(1, steps + 1):
-        if step > 1:
-            ctx.invalidate()
-            cg = ctx.analysis(ChannelGroups)
-            scores, consumers, act = _rank(model, ctx, cg, cg.prunable(), opts)
-            removed = keep_nonempty(cg, _step_removal(cg, scores, final, step, steps), scores)
-        elif steps > 1:
-            removed = _step_removal(cg, scores, final, step, steps)
-            removed = keep_nonempty(cg, removed, scores)
-        reports = _remove(model, ctx, cg, removed, consumers, act, mode, opts, origins)
+    progress = ctx.progress
+    try:
+        for step in range(1, steps + 1):
+            if steps > 1:  # every round ranks and refits: the progress lines say which round
+                ctx.progress = _in_round(progress, step, steps)
+            if step > 1:
+                ctx.invalidate()
+                cg = ctx.analysis(ChannelGroups)
+                ranked = cg.prunable() if sequence is None else \
+                    [g for g in cg.prunable() if _key(g) == sequence[step - 1]]
+                scores, consumers, act = _rank(model, ctx, cg, ranked, opts)
+            if steps > 1:
+                removed = keep_nonempty(
+                    cg, _step_removal(cg, scores, final, step, steps, sequence), scores)
+            if deferred is not None:
+                deferred.due = _due(cg, sequence[step]) if step < steps else None
+            for r in _remove(model, ctx, cg, removed, consumers, act, mode, opts, origins,
+                             deferred):
+                first = merged.setdefault(r["layer"], r)  # a layer refit in several rounds:
+                merged[r["layer"]] = {**first, "after": r["after"], "method": r["method"]}
+    finally:
+        ctx.progress = progress
+    reports = list(merged.values())
+    if steps > 1:  # its error without recovery from its first round, the final one after
+        for node in model.graph:
+            if (r := merged.get(node_name(node))) is not None:
+                node.meta[RECOVERY_META_KEY] = {k: r[k] for k in ("drop", "after", "method")}
     if mode != "off":
         stats["recovered_layers"] = len(reports)
     if reports:
@@ -504,22 +556,31 @@ def nothing_to_prune(cg: ChannelGroups, excluded: bool = False) -> str:
 
 def _rank(model: Model, ctx: Context, cg: ChannelGroups, candidates: list[ChannelGroup],
           opts: PruneOptions) -> tuple[dict[int, np.ndarray], list[Consumer], Any]:
-    """(scores per group id, recoverable consumers, Activations of their inputs or None).
+    """(scores per group id, recoverable consumers, Activations or None).
+
+    Only ``candidates`` are scored; the Activations hold the consumer inputs that carry
+    their channels (None without calibration data or such inputs).
 
     With calibration data, channels never active where a consumer reads them score -inf.
     """
     criterion = opts.importance if opts.importance != "auto" else \
         "recon" if ctx.calib is not None else "l1"
-    scores = _scores(ctx, candidates, criterion)
+    scores = _scores(ctx, cg, candidates, criterion)
     consumers: list[Consumer] = []
     act = None
     if ctx.calib is not None:
         consumers = find_consumers(model, cg)
-        inputs = sorted({c.input for c in consumers})
+        read = {m.value.name for g in candidates for m in g.activations()}
+        inputs = sorted({c.input for c in consumers} & read)
         if inputs:
             act = ctx.analysis(Activations, values=tuple(inputs))
             scores = _with_dead(scores, dead_channels(cg, candidates, act, set(inputs)))
     return scores, consumers, act
+
+
+def _in_round(progress: Any, step: int, steps: int) -> Any:
+    """``progress`` with ``round STEP/STEPS`` appended to every description."""
+    return lambda desc, done, total: progress(f"{desc}, round {step}/{steps}", done, total)
 
 
 def _key(group: ChannelGroup) -> tuple[str, ...]:
@@ -527,21 +588,47 @@ def _key(group: ChannelGroup) -> tuple[str, ...]:
     return tuple(sorted(group.producers))
 
 
+def _graph_order(model: Model, final: Mapping[tuple[str, ...], tuple[int, int]]
+                 ) -> list[tuple[str, ...]]:
+    """The groups of ``final`` (by key) in the graph order of their first producer."""
+    position = {node_name(n): i for i, n in enumerate(model.graph)}
+    return sorted(final, key=lambda key: min(position.get(p, len(position)) for p in key))
+
+
+def _due(cg: ChannelGroups, key: tuple[str, ...]) -> set[str] | None:
+    """The layers to refit before the group ``key`` is ranked (``sequential``).
+
+    Its ranking reads its consumers' inputs and compares with their outputs: those
+    consumers and everything upstream of them must be refit; layers further down can wait
+    (a layer refit later still fits the unpruned outputs). None (all) when the group is gone.
+    """
+    group = next((g for g in cg.groups if _key(g) == key), None)
+    if group is None:
+        return None
+    readers = [m.node for m in (*group.members, *group.partial_members)
+               if m.role == "in" and m.node is not None]
+    return upstream(readers)
+
+
 def _step_removal(cg: ChannelGroups, scores: Mapping[int, np.ndarray],
-                  final: Mapping[tuple[str, ...], tuple[int, int]], step: int, steps: int
-                  ) -> dict[int, np.ndarray]:
+                  final: Mapping[tuple[str, ...], tuple[int, int]], step: int, steps: int,
+                  sequence: list[tuple[str, ...]] | None = None) -> dict[int, np.ndarray]:
     """The channels step ``step`` of ``steps`` removes.
 
     Kept counts shrink geometrically from each group's original size to its final count,
-    which the last step reaches.
+    which the last step reaches; with a ``sequence`` (``sequential``) step ``i`` takes the
+    ``i``-th group of it straight to its final count and leaves the later ones alone.
     """
     removed = {}
     for g in cg.groups:
         if (sizes := final.get(_key(g))) is None or g.id not in scores:
             continue
         size0, last = sizes
-        want = last if step == steps else \
-            max(last, round(size0 * (last / size0) ** (step / steps)))
+        if sequence is not None:
+            want = last if sequence.index(_key(g)) < step else g.size
+        else:
+            want = last if step == steps else \
+                max(last, round(size0 * (last / size0) ** (step / steps)))
         if want < g.size:
             removed[g.id] = _lowest(scores[g.id], g.size - want)
     return removed
@@ -549,13 +636,13 @@ def _step_removal(cg: ChannelGroups, scores: Mapping[int, np.ndarray],
 
 def _remove(model: Model, ctx: Context, cg: ChannelGroups, removed: dict[int, np.ndarray],
             consumers: list[Consumer], act: Any, mode: str, opts: PruneOptions,
-            origins: Origins | None = None) -> list[dict]:
+            origins: Origins | None = None, deferred: Deferred | None = None) -> list[dict]:
     """Remove ``removed`` channels, recover the consumers (``mode``), run ``dce``."""
     keep = cg.keep_fn(removed)
     reports = recover_prepare(model, ctx, consumers, keep, act, mode, opts.recover_samples) \
         if mode == "bias" and act is not None else []
     original = None
-    if mode == "lsq" and act is not None:  # the targets: the model before any step
+    if mode == "lsq" and consumers and ctx.calib is not None:  # targets: before any step
         original = model.clone() if origins is None else origins.model
     depthwise = find_depthwise(model, cg) if original is not None else []
     apply(model, cg, keep)
@@ -563,7 +650,7 @@ def _remove(model: Model, ctx: Context, cg: ChannelGroups, removed: dict[int, np
         recover_install(model, consumers)
     elif original is not None:
         reports = recover_sequential(model, ctx, original, consumers, keep,
-                                     opts.recover_samples, depthwise, origins)
+                                     opts.recover_samples, depthwise, origins, deferred)
         if origins is not None:
             origins.update(consumers + depthwise, keep)
     dce(model, ctx)

@@ -495,6 +495,12 @@ def least_squares_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: 
     return np.ascontiguousarray(w_out, dt), np.asarray(b_new, dt), report
 
 
+#: :func:`least_squares_refit` without its own thread limit (for callers that hold one:
+#: entering the limit costs about 1 ms, once per channel of a depthwise Conv otherwise).
+_refit_1thread = least_squares_refit.__wrapped__  # type: ignore[attr-defined]
+
+
+@_one_blas_thread
 def depthwise_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: np.ndarray,
                     keep: Sequence[int], spec: LayerSpec, x_inputs: np.ndarray,
                     clamp: Clamp | None = None, rounds: int = 8
@@ -534,9 +540,9 @@ def depthwise_refit(weight: np.ndarray, bias: np.ndarray | None, x_samples: np.n
     for j, c in enumerate(keep):
         cl = None if clamp is None else Clamp(clamp.scale[c:c + 1], clamp.shift[c:c + 1],
                                               clamp.lo, clamp.hi)
-        wj, bj, rep = least_squares_refit(w[c:c + 1], b[c:c + 1], x_samples[:, c:c + 1], [0],
-                                          spec, x_inputs=x_inputs[:, j:j + 1], clamp=cl,
-                                          rounds=rounds)
+        wj, bj, rep = _refit_1thread(w[c:c + 1], b[c:c + 1], x_samples[:, c:c + 1], [0],
+                                     spec, x_inputs=x_inputs[:, j:j + 1], clamp=cl,
+                                     rounds=rounds)
         ws.append(wj)
         bs.append(bj)
         drops.append(rep["rel_err_drop"])

@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--models", default="cnn,resnet,mobilenetv2,mlp")
     ap.add_argument("--ratios", default="0.3,0.5,0.6,0.7")
     ap.add_argument("--modes", default="off,bias,lsq,lsq+steps=3,lsq+scope=global,"
-                                       "lsq+scope=global+steps=3")
+                                       "lsq+scope=global+steps=3,lsq+sequential=true,"
+                                       "lsq+scope=global+sequential=true")
     ap.add_argument("--importance", default="auto")
     ap.add_argument("--extra", action="store_true",
                     help="also accuracy and KL to the unpruned model on the 1181 other "
