@@ -403,6 +403,21 @@ def softmax_f32(rows, n, x, out):
     return e * (np.float32(1) / e.sum(axis=1, keepdims=True, dtype=np.float32))
 
 
+@kernel("eo_lrn_f32")
+def lrn_f32(outer, channels, inner, size, alpha, beta, bias, x, out):
+    """LRN across channels of ``[outer, channels, inner]``, in float32."""
+    v = x.reshape(outer, channels, inner).astype(np.float32)
+    sq = np.concatenate([np.zeros((outer, 1, inner), np.float32), np.cumsum(v * v, axis=1,
+                                                                             dtype=np.float32)],
+                        axis=1)
+    c = np.arange(channels)
+    first = np.maximum(c - (size - 1) // 2, 0)
+    last = np.minimum(c + size - 1 - (size - 1) // 2, channels - 1)
+    window = sq[:, last + 1] - sq[:, first]
+    scale = np.float32(alpha) / np.float32(size)
+    return v / np.power(np.float32(bias) + scale * window, np.float32(beta))
+
+
 # -- pooling --------------------------------------------------------------------------------------
 def _pool_s8(fn):
     """int8 max or average pooling (:func:`.reference.max_pool` / ``avg_pool``)."""

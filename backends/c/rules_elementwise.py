@@ -269,6 +269,29 @@ def softmax(lw: Lowerer, node: Node) -> None:
                [out]))
 
 
+@rule("LRN")
+def lrn(lw: Lowerer, node: Node) -> None:
+    """Local response normalization across channels (AlexNet, ZFNet, Inception v1), float."""
+    t = lw.act(node.inputs[0])
+    xs = lw.shape(node.inputs[0])
+    if len(xs) < 3:
+        raise LoweringError(f"LRN of a rank-{len(xs)} tensor (needs N, C and spatial dims)")
+    if t.layout == "flat_hwc":
+        t = lw.as_layout(t, "plain")
+    size = int(node.attr("size", 0))
+    if size < 1:
+        raise LoweringError("LRN size must be a positive integer")
+    if t.layout == "nhwc":  # channels last: a window of adjacent values
+        outer, inner = t.size // xs[1], 1
+    else:
+        outer, inner = xs[0], math.prod(xs[2:])
+    out = lw.new_tensor(node.outputs[0], "float", t.shape, t.layout, t.chw)
+    lw.emit(Op("eo_lrn_f32", lw.label(node), "LRN",
+               [outer, xs[1], inner, size, float(node.attr("alpha", 1e-4)),
+                float(node.attr("beta", 0.75)), float(node.attr("bias", 1.0)), t, out],
+               [t], [out]))
+
+
 # -- data movement ----------------------------------------------------------------------------
 def _source(lw: Lowerer, v: Value) -> tuple[TensorRef, QView | None]:
     vw = lw.view(v)

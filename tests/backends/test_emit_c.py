@@ -414,10 +414,11 @@ def light_model(name: str) -> ir.Model:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["squeezenet", "shufflenet"])
+@pytest.mark.parametrize("name", ["squeezenet", "shufflenet", "inception_v1"])
 def test_onnx_zoo_models_match_onnxruntime(name, tmp_path):
-    """SqueezeNet (Concat, ceil-mode MaxPool, Dropout) and ShuffleNet (grouped convs, the
-    channel shuffle's 5-D Transpose) from onnx's test data, float, through C."""
+    """SqueezeNet (Concat, ceil-mode MaxPool, Dropout), ShuffleNet (grouped convs, the
+    channel shuffle's 5-D Transpose) and Inception v1 (LRN, Concat of four branches) from
+    onnx's test data, float, through C."""
     model = light_model(name)
     out = tmp_path / name
     emit_c(model, str(out), prefix="net")
@@ -614,6 +615,61 @@ def test_conv_transpose_matches_onnxruntime(geometry, int8, tmp_path):
     _layer_against_onnxruntime(_conv_transpose_model(*geometry), x, int8,
                                "eo_conv_transpose_s8" if int8 else "eo_conv_transpose_f32",
                                tmp_path)
+
+
+def _lrn_model(size: int, alpha: float, beta: float, bias: float) -> ir.Model:
+    """x[1,4,5,6] -> Conv 4->6 (3x3) -> Relu -> LRN -> Conv 6->2 (1x1) -> y."""
+    rng = np.random.default_rng(13)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [6, 4, 3, 3],
+                            rng.standard_normal(216).astype(np.float32))
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [2, 6, 1, 1],
+                            rng.standard_normal(12).astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("LRN", ["r"], ["n"], size=size, alpha=alpha, beta=beta, bias=bias),
+             helper.make_node("Conv", ["n", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "lrn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w1, w2])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("params", [(5, 1e-4, 0.75, 1.0),   # AlexNet, Inception v1
+                                    (1, 0.5, 0.6, 2.0),     # the channel alone
+                                    (3, 2.0, 1.5, 0.5),     # strong: the window dominates
+                                    (9, 0.1, 0.75, 1.0)])   # wider than the 6 channels
+@pytest.mark.parametrize("int8", [False, True])
+def test_lrn_matches_onnxruntime(params, int8, tmp_path):
+    """LRN across channels in C (float; between int8 layers it is dequantized and
+    requantized), against ORT and the Python twin."""
+    x = 2 * np.random.default_rng(14).standard_normal((3, 1, 4, 5, 6)).astype(np.float32)
+    _layer_against_onnxruntime(_lrn_model(*params), x, int8, "eo_lrn_f32", tmp_path)
+
+
+def test_lrn_of_even_size_follows_the_onnx_window(tmp_path):
+    """An even size has one channel more after than before (ONNX: floor((size - 1) / 2)
+    before, ceil after). ORT refuses even sizes and onnx's reference evaluator windows over
+    the batch axis (onnx 1.23), so the reference is the spec's formula, written out here."""
+    model = _lrn_model(4, 0.5, 0.6, 2.0)
+    x = 2 * np.random.default_rng(15).standard_normal((1, 4, 5, 6)).astype(np.float32)
+    proto = ir.to_proto(model)
+    proto.graph.output[0].name = "r"  # ORT up to the LRN's input
+    proto.graph.node.pop()
+    proto.graph.node.pop()
+    r = ort(ir.from_proto(proto), x).astype(np.float64)
+    lrn = np.empty_like(r)
+    for c in range(6):
+        window = r[:, max(0, c - 1):min(6, c + 3)]  # floor(3 / 2) = 1 before, ceil = 2 after
+        lrn[:, c] = r[:, c] / (2.0 + 0.5 / 4 * (window ** 2).sum(axis=1)) ** 0.6
+    w2 = ir.to_proto(model).graph.initializer[1]
+    w2 = onnx.numpy_helper.to_array(w2).reshape(2, 6)
+    want = np.einsum("oc,nchw->nohw", w2, lrn)
+    out = tmp_path / "c"
+    emit_c(model, str(out), prefix="net")
+    got = run_c(compile_c(out), tmp_path, x.transpose(0, 2, 3, 1))
+    got = got.reshape(1, 5, 6, 2).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(want.max() - want.min()))
 
 
 @pytest.mark.slow

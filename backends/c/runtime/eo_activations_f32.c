@@ -75,3 +75,25 @@ void eo_softmax_f32(int32_t rows, int32_t n, const float *in, float *out)
         }
     }
 }
+
+void eo_lrn_f32(int32_t outer, int32_t channels, int32_t inner, int32_t size, float alpha,
+                float beta, float bias, const float *in, float *out)
+{
+    /* the window of channel c: [c - floor((size - 1) / 2), c + ceil((size - 1) / 2)] */
+    const int32_t before = (size - 1) / 2, after = size - 1 - (size - 1) / 2;
+    const float scale = alpha / (float)size;
+    int32_t o, c, i, k;
+    for (o = 0; o < outer; ++o, in += channels * inner, out += channels * inner) {
+        for (c = 0; c < channels; ++c) {
+            const int32_t first = c - before < 0 ? 0 : c - before;
+            const int32_t last = c + after > channels - 1 ? channels - 1 : c + after;
+            for (i = 0; i < inner; ++i) {
+                float sum = 0.0f;
+                for (k = first; k <= last; ++k) {
+                    sum += in[k * inner + i] * in[k * inner + i];
+                }
+                out[c * inner + i] = in[c * inner + i] / powf(bias + scale * sum, beta);
+            }
+        }
+    }
+}

@@ -193,6 +193,10 @@ void eo_leaky_relu_f32(float alpha, const float *in, float *out, int32_t n);
 void eo_prelu_f32(const float *slope, int32_t channels, const float *in, float *out, int32_t n);
 /* Softmax over the last axis: rows x n */
 void eo_softmax_f32(int32_t rows, int32_t n, const float *in, float *out);
+/* ONNX LRN across channels: outer x channels x inner, channel stride inner (1 for NHWC):
+ * out = in / (bias + alpha / size * sum of in^2 over the size channels around)^beta */
+void eo_lrn_f32(int32_t outer, int32_t channels, int32_t inner, int32_t size, float alpha,
+                float beta, float bias, const float *in, float *out);
 
 /* ---- conversions (no libm) -------------------------------------------------------------- */
 /* ONNX QuantizeLinear: saturate(round_half_to_even(x / scale) + zero_point), int8, bit-exact
