@@ -516,15 +516,10 @@ def prune(model: Model, ctx: Context, opts: PruneOptions) -> PassResult:
                 deferred.due = _due(cg, sequence[step]) if step < steps else None
             for r in _remove(model, ctx, cg, removed, consumers, act, mode, opts, origins,
                              deferred):
-                first = merged.setdefault(r["layer"], r)  # a layer refit in several rounds:
-                merged[r["layer"]] = {**first, "after": r["after"], "method": r["method"]}
+                merged[r["layer"]] = r  # a layer refit in several rounds: its last refit
     finally:
         ctx.progress = progress
     reports = list(merged.values())
-    if steps > 1:  # its error without recovery from its first round, the final one after
-        for node in model.graph:
-            if (r := merged.get(node_name(node))) is not None:
-                node.meta[RECOVERY_META_KEY] = {k: r[k] for k in ("drop", "after", "method")}
     if mode != "off":
         stats["recovered_layers"] = len(reports)
     if reports:
