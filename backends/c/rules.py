@@ -466,49 +466,77 @@ def _pool_params(node: Node, xs, ys, k) -> dict[str, int]:
             "stride_w": g["stride_w"], "pad_top": g["pad_top"], "pad_left": g["pad_left"]}
 
 
-@rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+#: Reductions that are global pooling when they reduce the H and W of a 4-D tensor.
+SPATIAL_REDUCTIONS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
+
+
+def _reduced_axes(lw: Lowerer, node: Node, rank: int) -> set[int]:
+    """The axes a ReduceMean/ReduceMax reduces (attribute up to opset 17, input from 18)."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        c = lw.constant(node.inputs[1])
+        if c is None:
+            raise LoweringError(f"{node.op_type} axes must be constant")
+        axes = c.ravel().tolist()
+    else:
+        axes = list(node.attr("axes", []))
+    if not axes:
+        return set() if node.attr("noop_with_empty_axes", 0) else set(range(rank))
+    return {int(a) % rank for a in axes}
+
+
+@rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", *SPATIAL_REDUCTIONS)
 def pool(lw: Lowerer, node: Node) -> None:
-    """Max / average pooling; global average pooling is a mean over H and W."""
+    """Max / average pooling; global average pooling is a mean over H and W.
+
+    A ReduceMean over H and W is global average pooling too (ReduceMax: global max
+    pooling); with ``keepdims=0`` its ``[N, C]`` result has the bytes of NHWC ``[N, 1, 1, C]``.
+    """
     x = node.inputs[0]
     xs, ys = lw.shape(x), lw.shape(node.outputs[0])
     if len(xs) != 4:
-        raise LoweringError("only 2-D pooling is supported")
+        raise LoweringError("only 2-D pooling is supported" if node.op_type not in
+                            SPATIAL_REDUCTIONS else f"{node.op_type} of a rank-{len(xs)} "
+                            "tensor (only over the H and W of a 4-D one)")
+    op = SPATIAL_REDUCTIONS.get(node.op_type, node.op_type)
+    if op != node.op_type and _reduced_axes(lw, node, 4) != {2, 3}:
+        raise LoweringError(f"{node.op_type} over axes {sorted(_reduced_axes(lw, node, 4))} "
+                            "(only over H and W: axes 2 and 3)")
+    out_shape, out_layout = c_shape(ys)
     if len(node.outputs) > 1 and node.outputs[1].uses():
         raise LoweringError("MaxPool indices are not supported")
     if node.op_type == "AveragePool" and node.attr("count_include_pad", 0) and \
             any(node.attr("pads", [0])):
         raise LoweringError("count_include_pad=1 with padding is not supported")
-    glob = node.op_type.startswith("Global")
+    glob = op.startswith("Global")
     k = (xs[2], xs[3]) if glob else tuple(node.attr("kernel_shape"))
     p = {"batch": xs[0], "in_h": xs[2], "in_w": xs[3], "c": xs[1], "out_h": 1, "out_w": 1,
          "k_h": k[0], "k_w": k[1], "stride_h": 1, "stride_w": 1, "pad_top": 0,
          "pad_left": 0} if glob else _pool_params(node, xs, ys, k)
-    mean = node.op_type == "GlobalAveragePool"
-    kind = "max" if "Max" in node.op_type else "avg"
+    mean = op == "GlobalAveragePool"
+    kind = "max" if "Max" in op else "avg"
     q, view = lw.int8_output(node), lw.view(x)
     base, macs = lw.label(node), math.prod(ys) * k[0] * k[1]
     if q is not None and view is not None:
         qnode, fused, s_out, zp_out, amin, amax = q
         xt = lw.as_layout(view.tensor, "nhwc")
-        out = lw.new_tensor(qnode.outputs[0], "int8_t", c_shape(ys)[0], "nhwc", scale=s_out,
+        out = lw.new_tensor(qnode.outputs[0], "int8_t", out_shape, out_layout, scale=s_out,
                             zero_point=zp_out)
         if mean:
             mult, shift = requant_params(view.scale, s_out)  # TFLite Mean: divides after
             op = Op("eo_mean_hw_s8", base, node.op_type, [xs[0], xs[2] * xs[3], xs[1],
                     -view.zero_point, zp_out, mult, shift, xt, out], [xt], [out], macs)
         elif (view.scale, view.zero_point) != (s_out, zp_out):
-            if kind == "max" or (amin, amax) != (-128, 127):
+            if (amin, amax) != (-128, 127):
                 raise LoweringError("int8 pooling needs the same scale and zero point in and "
-                                    "out" + ("" if kind == "max" else " when an activation is "
-                                             "fused into it"))
-            # ORT's QLinearAveragePool may change the scale; CMSIS-NN's average cannot:
-            # average in the input's scale, then requantize (like a QuantizeLinear between
-            # two int8 tensors).
-            mid = lw.new_tensor(None, "int8_t", out.shape, "nhwc", scale=view.scale,
-                                zero_point=view.zero_point, base=base + "_avg")
+                                    "out when an activation is fused into it")
+            # ORT's QLinearAveragePool may change the scale (and QDQ around a ReduceMax
+            # may); CMSIS-NN's pooling cannot: pool in the input's scale, then requantize
+            # (like a QuantizeLinear between two int8 tensors; the max commutes with it).
+            mid = lw.new_tensor(None, "int8_t", out.shape, out_layout, scale=view.scale,
+                                zero_point=view.zero_point, base=base + "_" + kind)
             params = lw.params("eo_pool_params", **p, act_min=-128, act_max=127,
                                fact_min=0.0, fact_max=0.0)
-            lw.emit(Op("eo_avgpool_s8", base, node.op_type, [params, xt, mid], [xt], [mid],
+            lw.emit(Op(f"eo_{kind}pool_s8", base, node.op_type, [params, xt, mid], [xt], [mid],
                        macs))
             mult, shift = quantize_multiplier(view.scale / s_out)
             op = Op("eo_requantize_s8", base + "_requant", node.op_type,
@@ -522,7 +550,7 @@ def pool(lw: Lowerer, node: Node) -> None:
         return
     xt = lw.as_layout(lw.act(x), "nhwc")
     out_v, lo, hi, fused = lw.float_fusion(node)
-    out = lw.new_tensor(out_v, "float", c_shape(ys)[0], "nhwc")
+    out = lw.new_tensor(out_v, "float", out_shape, out_layout)
     lw.done.update(id(n) for n in fused)
     if mean and lo == -np.inf and hi == np.inf:
         op = Op("eo_mean_hw_f32", base, node.op_type, [xs[0], xs[2] * xs[3], xs[1], xt, out],

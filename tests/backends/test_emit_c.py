@@ -647,6 +647,75 @@ def test_lrn_matches_onnxruntime(params, int8, tmp_path):
     _layer_against_onnxruntime(_lrn_model(*params), x, int8, "eo_lrn_f32", tmp_path)
 
 
+def _reduce_model(op: str, keepdims: int, axes_input: bool) -> ir.Model:
+    """x[1,4,5,6] -> Conv 4->6 (3x3) -> Relu -> ReduceMean/Max over H, W -> 1x1 Conv (or,
+    keepdims=0, MatMul) to 2 outputs -> y."""
+    rng = np.random.default_rng(16)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [6, 4, 3, 3],
+                            rng.standard_normal(216).astype(np.float32))
+    w2 = rng.standard_normal((2, 6)).astype(np.float32)
+    inits = [w1]
+    if axes_input:  # opset 18: axes are an input
+        inits.append(helper.make_tensor("axes", TensorProto.INT64, [2], [-2, -1]))
+        reduce = helper.make_node(op, ["r", "axes"], ["m"], keepdims=keepdims)
+    else:
+        reduce = helper.make_node(op, ["r"], ["m"], axes=[2, 3], keepdims=keepdims)
+    if keepdims:
+        inits.append(helper.make_tensor("w2", TensorProto.FLOAT, [2, 6, 1, 1], w2.ravel()))
+        head = helper.make_node("Conv", ["m", "w2"], ["y"])
+    else:
+        inits.append(helper.make_tensor("w2", TensorProto.FLOAT, [6, 2], w2.T.ravel()))
+        head = helper.make_node("MatMul", ["m", "w2"], ["y"])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), reduce, head]
+    graph = helper.make_graph(nodes, "reduce",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    opset = 18 if axes_input else 17
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+@pytest.mark.parametrize(("op", "kernel"), [("ReduceMean", "eo_mean_hw"),
+                                            ("ReduceMax", "eo_maxpool")])
+@pytest.mark.parametrize("keepdims", [1, 0])
+@pytest.mark.parametrize("axes_input", [False, True])
+@pytest.mark.parametrize("int8", [False, True])
+def test_spatial_reductions_are_global_pooling(op, kernel, keepdims, axes_input, int8,
+                                               tmp_path):
+    """ReduceMean / ReduceMax over H and W (x.mean((2, 3)) in PyTorch, SE blocks, heads)
+    lower to the global pooling kernels; keepdims=0 reads the same bytes as [N, C]. In int8
+    a ReduceMax whose QDQ output scale differs from its input's is a max, then a requantize
+    (the max commutes with it)."""
+    model = _reduce_model(op, keepdims, axes_input)
+    x = np.random.default_rng(17).standard_normal((3, 1, 4, 5, 6)).astype(np.float32)
+    if int8:
+        calib = CalibrationData.for_model({"x": x[:, 0]}, model)
+        PassManager("quant:int8,bias_correction=false", verify="end").run(
+            model, Context(calib=calib))
+    out = tmp_path / "c"
+    result = emit_c(model, str(out), prefix="net")
+    assert kernel + ("_s8" if int8 else "_f32") in {layer["kernel"]
+                                                     for layer in result.report["layers"]}
+    exe = compile_c(out)
+    want = np.stack([ort(model, xi) for xi in x]).reshape(3, 2)
+    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x]).reshape(3, 2)
+    span = float(want.max() - want.min())
+    np.testing.assert_allclose(got, want, rtol=0, atol=(0.01 if int8 else 1e-5) * span)
+    if not int8:  # the Python twin of the kernels runs the same program
+        from edgeopt.backends.c.interpret import lower_model, run
+
+        twin = run(lower_model(model, "net"), [x[0].transpose(0, 2, 3, 1)])[0]
+        np.testing.assert_allclose(twin.ravel(), got[0], rtol=0, atol=1e-5 * span)
+
+
+def test_a_reduction_over_channels_is_refused_by_name(tmp_path):
+    model = _reduce_model("ReduceMean", 1, False)
+    model.graph.nodes[2].attrs["axes"] = [1]
+    with pytest.raises(LoweringError, match=r"ReduceMean over axes \[1\] \(only over H and W"):
+        emit_c(model, str(tmp_path / "c"), prefix="net")
+    assert not (tmp_path / "c").exists()
+
+
 def test_lrn_of_even_size_follows_the_onnx_window(tmp_path):
     """An even size has one channel more after than before (ONNX: floor((size - 1) / 2)
     before, ceil after). ORT refuses even sizes and onnx's reference evaluator windows over
