@@ -509,6 +509,21 @@ def resize_nearest(dims, y_idx, x_idx, elem, x, out):
     return img[:, np.asarray(y_idx[:oh], np.int64)][:, :, np.asarray(x_idx[:ow], np.int64)]
 
 
+@kernel("eo_resize_linear_f32")
+def resize_linear_f32(dims, y0, y1, fy, x0, x1, fx, x, out):
+    """Bilinear resize in float32: the four neighbours weighted as ONNX Runtime sums them."""
+    n, ih, iw, c, oh, ow = (int(d) for d in dims[:6])
+    img = x.reshape(n, ih, iw, c).astype(np.float32)
+    ry0, ry1 = np.asarray(y0[:oh], np.int64), np.asarray(y1[:oh], np.int64)
+    cx0, cx1 = np.asarray(x0[:ow], np.int64), np.asarray(x1[:ow], np.int64)
+    wy1 = _f32(fy)[:oh].reshape(1, oh, 1, 1)
+    wx1 = _f32(fx)[:ow].reshape(1, 1, ow, 1)
+    wy0, wx0 = np.float32(1) - wy1, np.float32(1) - wx1
+    a, b = img[:, ry0][:, :, cx0], img[:, ry0][:, :, cx1]
+    c_, d = img[:, ry1][:, :, cx0], img[:, ry1][:, :, cx1]
+    return wy0 * wx0 * a + wy0 * wx1 * b + wy1 * wx0 * c_ + wy1 * wx1 * d
+
+
 def lower_model(model, prefix: str = "model", sparse: bool = True) -> Program:
     """The Program ``emit_c(model, prefix=prefix)`` writes (same preparation and rules)."""
     from . import _prepare

@@ -516,16 +516,37 @@ def nearest_indices(n_in: int, n_out: int, scale: float, coords: str, rounding: 
     return np.clip(idx, 0, n_in - 1).astype(np.int32)
 
 
+def linear_taps(n_in: int, n_out: int, scale: float, coords: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i0, i1, f)`` of a linear Resize axis: output ``x`` is ``(1 - f) in[i0] + f in[i1]``.
+
+    As ONNX Runtime computes it: the original coordinate clamped to ``[0, n_in - 1]``, its
+    floor and the next index (the last one repeats at the edge, with weight 0).
+    """
+    if coords not in _COORDS or coords == "tf_half_pixel_for_nn":
+        raise LoweringError(f"linear Resize with coordinate_transformation_mode {coords!r} "
+                            "is not supported")
+    x = np.arange(n_out, dtype=np.float32)
+    xo = np.asarray(_COORDS[coords](x, np.float32(scale), n_in, n_out), np.float32)
+    xo = np.clip(xo, np.float32(0), np.float32(n_in - 1))
+    i0 = np.minimum(xo.astype(np.int32), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    f = np.where(i0 == i1, np.float32(0), xo - i0.astype(np.float32)).astype(np.float32)
+    return i0.astype(np.int32), i1.astype(np.int32), f
+
+
 @rule("Resize", "Upsample")
 def resize(lw: Lowerer, node: Node) -> None:
-    """Nearest-neighbour Resize over H and W of a 4-D tensor (FPN and YOLO upsampling).
+    """Nearest or bilinear Resize over H and W of a 4-D tensor (FPN, YOLO, segmentation).
 
-    A gather by index tables computed here, for float and int8 alike (quant gives Resize its
-    input's scale).
+    Nearest is a gather by index tables computed here, for float and int8 alike (quant
+    gives Resize its input's scale); linear blends two rows and two columns by tables of
+    indices and weights, in float (an int8 input is dequantized first).
     """
     mode = node.attr_str("mode", "nearest")
-    if mode != "nearest":
-        raise LoweringError(f"Resize mode {mode!r} is not supported (only 'nearest')")
+    if mode not in ("nearest", "linear", "bilinear"):  # bilinear: Upsample-7's name
+        raise LoweringError(f"Resize mode {mode!r} is not supported (only 'nearest' and "
+                            "'linear')")
     if int(node.attr("antialias", 0)) or node.attr("axes", None) is not None:
         raise LoweringError("Resize with antialias or axes is not supported")
     xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
@@ -545,6 +566,9 @@ def resize(lw: Lowerer, node: Node) -> None:
         rounding = node.attr_str("nearest_mode", "round_prefer_floor")
     if scales is None:  # sizes given: the scale is out / in
         scales = np.array([1.0, 1.0, ys[2] / xs[2], ys[3] / xs[3]], np.float32)
+    if mode != "nearest":
+        _resize_linear(lw, node, xs, ys, scales, coords)
+        return
     tables = [lw.const(lw.label(node) + axis, "int32_t",
                        nearest_indices(xs[i], ys[i], float(scales[i]), coords, rounding))
               for axis, i in (("_rows", 2), ("_cols", 3))]
@@ -560,3 +584,24 @@ def resize(lw: Lowerer, node: Node) -> None:
     lw.emit(Op("eo_resize_nearest", lw.label(node), node.op_type,
                [lw.dims_const(dims), *tables, src.nbytes // src.size, src, out], [src], [out]))
     _bind_result(lw, node, out, vw)
+
+
+def _resize_linear(lw: Lowerer, node: Node, xs, ys, scales: np.ndarray, coords: str) -> None:
+    base = lw.label(node)
+    tables = []
+    for axis, i in (("_rows", 2), ("_cols", 3)):
+        i0, i1, f = linear_taps(xs[i], ys[i], float(scales[i]), coords)
+        tables += [lw.const(base + axis + "0", "int32_t", i0),
+                   lw.const(base + axis + "1", "int32_t", i1),
+                   lw.const(base + axis + "_f", "float", f)]
+    src = lw.act(node.inputs[0])
+    if src.layout == "flat_hwc":
+        src = lw.as_layout(src, "plain")
+    if src.layout == "nhwc":
+        dims, shape = [xs[0], xs[2], xs[3], xs[1], ys[2], ys[3]], c_shape(ys)[0]
+    else:  # NCHW as [n * c] images of one channel
+        dims, shape = [xs[0] * xs[1], xs[2], xs[3], 1, ys[2], ys[3]], ys
+    out = lw.new_tensor(node.outputs[0], "float", shape, src.layout)
+    lw.emit(Op("eo_resize_linear_f32", base, node.op_type,
+               [lw.dims_const(dims), *tables, src, out], [src], [out],
+               4 * math.prod(ys)))

@@ -509,7 +509,8 @@ def test_input_shapes_parse_and_are_required_for_symbolic_dims(tmp_path, capsys)
     assert "#define M_INPUT0_DIMS {1, 4, 7}" in (tmp_path / "c" / "m_model.h").read_text()
 
 
-def _resize_model(coords: str, rounding: str, sizes: bool, opset: int = 17) -> ir.Model:
+def _resize_model(coords: str, rounding: str, sizes: bool, opset: int = 17,
+                  mode: str = "nearest", scale: tuple = (2, 1.6)) -> ir.Model:
     """x[1,3,5,7] -> Conv 3->4 -> Resize (H x2, W to 11 or x1.6) -> Conv 4->2 (1x1) -> y."""
     rng = np.random.default_rng(7)
     w1 = helper.make_tensor("w1", TensorProto.FLOAT, [4, 3, 3, 3],
@@ -518,11 +519,11 @@ def _resize_model(coords: str, rounding: str, sizes: bool, opset: int = 17) -> i
                             rng.standard_normal(8).astype(np.float32))
     roi = helper.make_tensor("roi", TensorProto.FLOAT, [0], [])
     scales = helper.make_tensor("scales", TensorProto.FLOAT, [4] if not sizes else [0],
-                                [1, 1, 2, 1.6] if not sizes else [])
+                                [1, 1, *scale] if not sizes else [])
     size = helper.make_tensor("sizes", TensorProto.INT64, [4], [1, 4, 10, 11])
     inputs = ["c", "roi", "scales"] + (["sizes"] if sizes else [])
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Resize", inputs, ["r"], mode="nearest",
+             helper.make_node("Resize", inputs, ["r"], mode=mode,
                               coordinate_transformation_mode=coords, nearest_mode=rounding),
              helper.make_node("Conv", ["r", "w2"], ["y"])]
     graph = helper.make_graph(nodes, "resize",
@@ -576,6 +577,22 @@ def _layer_against_onnxruntime(model: ir.Model, x: np.ndarray, int8: bool, kerne
         twin = run(lower_model(model, "net"), [x[0].transpose(0, 2, 3, 1)])[0]
         np.testing.assert_allclose(twin.ravel(), got[0].transpose(0, 2, 3, 1).ravel(),
                                    rtol=0, atol=1e-5 * span)  # float sums: order differs
+
+
+@pytest.mark.parametrize(("coords", "sizes", "scale"), [
+    ("half_pixel", False, (2, 2)),             # PyTorch bilinear, align_corners=False
+    ("half_pixel", True, (2, 1.6)),            # to 10 x 11
+    ("align_corners", False, (2, 1.6)),        # PyTorch align_corners=True
+    ("asymmetric", False, (2, 1.6)),           # TF 1 resize_bilinear
+    ("pytorch_half_pixel", False, (0.5, 0.6)),  # downscaling; H to 2 rows
+])
+@pytest.mark.parametrize("int8", [False, True])
+def test_linear_resize_matches_onnxruntime(coords, sizes, scale, int8, tmp_path):
+    """Bilinear Resize (segmentation heads, FPN upsampling) in C: tables of rows, columns and
+    weights from the ONNX coordinate modes, in float (int8 in and out around it)."""
+    x = np.random.default_rng(9).standard_normal((3, 1, 3, 5, 7)).astype(np.float32)
+    model = _resize_model(coords, "round_prefer_floor", sizes, mode="linear", scale=scale)
+    _layer_against_onnxruntime(model, x, int8, "eo_resize_linear_f32", tmp_path)
 
 
 def _conv_transpose_model(k: int, stride: int, pads: int, out_pad: int, dil: int,

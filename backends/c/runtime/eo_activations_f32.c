@@ -97,3 +97,29 @@ void eo_lrn_f32(int32_t outer, int32_t channels, int32_t inner, int32_t size, fl
         }
     }
 }
+
+void eo_resize_linear_f32(const int32_t dims[6], const int32_t *y0, const int32_t *y1,
+                          const float *fy, const int32_t *x0, const int32_t *x1, const float *fx,
+                          const float *in, float *out)
+{
+    const int32_t n = dims[0], in_h = dims[1], in_w = dims[2], c = dims[3];
+    const int32_t out_h = dims[4], out_w = dims[5];
+    int32_t b, y, x, k;
+    for (b = 0; b < n; ++b) {
+        const float *image = in + (size_t)b * (size_t)in_h * (size_t)in_w * (size_t)c;
+        for (y = 0; y < out_h; ++y) {
+            const float *r0 = image + (size_t)y0[y] * (size_t)in_w * (size_t)c;
+            const float *r1 = image + (size_t)y1[y] * (size_t)in_w * (size_t)c;
+            const float wy1 = fy[y], wy0 = 1.0f - fy[y];
+            for (x = 0; x < out_w; ++x) {
+                const float *a = r0 + (size_t)x0[x] * (size_t)c, *bb = r0 + (size_t)x1[x] * (size_t)c;
+                const float *cc = r1 + (size_t)x0[x] * (size_t)c, *d = r1 + (size_t)x1[x] * (size_t)c;
+                const float wx1 = fx[x], wx0 = 1.0f - fx[x];
+                const float w00 = wy0 * wx0, w01 = wy0 * wx1, w10 = wy1 * wx0, w11 = wy1 * wx1;
+                for (k = 0; k < c; ++k) {
+                    *out++ = w00 * a[k] + w01 * bb[k] + w10 * cc[k] + w11 * d[k];
+                }
+            }
+        }
+    }
+}

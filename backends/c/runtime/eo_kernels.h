@@ -220,6 +220,12 @@ void eo_pad(const int32_t in_dims[4], const int32_t pads[8], int32_t elem_size, 
  * dims = {n, in_h, in_w, c, out_h, out_w}. */
 void eo_resize_nearest(const int32_t dims[6], const int32_t *y_idx, const int32_t *x_idx,
                        int32_t elem_size, const void *in, void *out);
+/* Bilinear resize (ONNX mode "linear"), float, same dims and layouts as eo_resize_nearest:
+ * output row y blends input rows y0[y] and y1[y] with weight fy[y] on y1 (columns likewise),
+ * as w00*A + w01*B + w10*C + w11*D the way ONNX Runtime sums them. */
+void eo_resize_linear_f32(const int32_t dims[6], const int32_t *y0, const int32_t *y1,
+                          const float *fy, const int32_t *x0, const int32_t *x1, const float *fx,
+                          const float *in, float *out);
 
 /* ---- integrity ------------------------------------------------------------------------- */
 /* CRC-32 (IEEE 802.3, reflected, poly 0xEDB88320, init/xorout 0xFFFFFFFF), incremental:
