@@ -491,6 +491,15 @@ def concat(n, inputs, sizes, outer, out):
     return _as(out, np.concatenate(parts, axis=1))
 
 
+@kernel("eo_slice")
+def slice_(dims, starts, steps, out_dims, elem, x, out):
+    """4-D strided slice: ``out[o] = x[starts + o * steps]`` on every axis."""
+    if elem != x.itemsize:
+        raise InterpretError(f"eo_slice: element size {elem} for {x.dtype} data")
+    idx = np.ix_(*(starts[d] + steps[d] * np.arange(out_dims[d]) for d in range(4)))
+    return x.reshape(dims[:4])[idx]
+
+
 @kernel("eo_pad")
 def pad(dims, pads, elem, value, x, out):
     """4-D constant pad; the fill is the first ``elem`` bytes of ``value`` (as C copies it)."""

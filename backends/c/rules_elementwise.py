@@ -298,11 +298,11 @@ def _source(lw: Lowerer, v: Value) -> tuple[TensorRef, QView | None]:
     return (vw.tensor, vw) if vw is not None else (lw.act(v), None)
 
 
-def _bind_result(lw: Lowerer, node: Node, t: TensorRef, vw: QView | None) -> None:
+def _bind_result(lw: Lowerer, node: Node, t: TensorRef, vw: QView | None, i: int = 0) -> None:
     if vw is not None:
-        lw.views[id(node.outputs[0])] = QView(t, vw.scale, vw.zero_point)
+        lw.views[id(node.outputs[i])] = QView(t, vw.scale, vw.zero_point)
     else:
-        lw.bind(node.outputs[0], t)
+        lw.bind(node.outputs[i], t)
 
 
 def _alias(lw: Lowerer, node: Node, src: TensorRef, shape, layout: str, chw=None) -> TensorRef:
@@ -479,6 +479,86 @@ def pad(lw: Lowerer, node: Node) -> None:
                [lw.dims_const(dims), lw.dims_const(before + after), src.nbytes // src.size,
                 vc, src, out], [src], [out]))
     _bind_result(lw, node, out, vw)
+
+
+@rule("Slice", "Split")
+def slice_(lw: Lowerer, node: Node) -> None:
+    """Slice and Split of tensors up to rank 4, int8 or float alike.
+
+    Starts, ends, axes, steps (negative ones too) and split sizes must be constant; each
+    output is a strided copy in the storage layout (NHWC axes for a 4-D activation).
+    """
+    src, vw = _source(lw, node.inputs[0])
+    xs = lw.shape(node.inputs[0])
+    if len(xs) > 4:
+        raise LoweringError(f"{node.op_type} of a rank-{len(xs)} tensor (at most 4)")
+    if src.layout == "flat_hwc":
+        src = lw.as_layout(src, "plain")
+    for i, ranges in enumerate(_slice_ranges(lw, node, xs)):
+        if not node.outputs[i].uses() and not node.outputs[i].is_graph_output():
+            continue
+        ys = [len(r) for r in ranges]
+        starts, steps = [r.start for r in ranges], [r.step for r in ranges]
+        dims, shape = list(xs), ys
+        if src.layout == "nhwc":
+            order = [0, 2, 3, 1]
+            dims, shape = list(src.shape), list(c_shape(tuple(ys))[0])
+            starts, steps = [starts[a] for a in order], [steps[a] for a in order]
+        pad = 4 - len(dims)
+        out = lw.new_tensor(None, src.ctype, tuple(shape), src.layout, None, src.scale,
+                            src.zero_point, base=node.outputs[i].name)
+        lw.emit(Op("eo_slice", lw.label(node) + (f"_{i}" if len(node.outputs) > 1 else ""),
+                   node.op_type, [lw.dims_const(dims), lw.dims_const(starts + [0] * pad),
+                                  lw.dims_const(steps), lw.dims_const(shape),
+                                  src.nbytes // src.size, src, out], [src], [out]))
+        _bind_result(lw, node, out, vw, i)
+
+
+def _slice_ranges(lw: Lowerer, node: Node, xs) -> list[list[range]]:
+    """Per output, the input indices it takes along every axis (ONNX clamping rules)."""
+    r = len(xs)
+
+    def const(i: int, what: str) -> np.ndarray | None:
+        if len(node.inputs) <= i or node.inputs[i] is None:
+            return None
+        c = lw.constant(node.inputs[i])
+        if c is None:
+            raise LoweringError(f"{node.op_type} {what} must be constant")
+        return c.ravel().astype(np.int64)
+
+    if node.op_type == "Slice":
+        if len(node.inputs) == 1:  # Slice-1: attributes
+            starts, ends = node.attr("starts"), node.attr("ends")
+            axes, steps = node.attr("axes", None), None
+        else:
+            starts, ends = const(1, "starts"), const(2, "ends")
+            axes, steps = const(3, "axes"), const(4, "steps")
+        axes = list(range(len(starts))) if axes is None else [int(a) % r for a in axes]
+        steps = [1] * len(axes) if steps is None else [int(s) for s in steps]
+        full = [range(d) for d in xs]
+        for a, b, e, st in zip(axes, starts, ends, steps, strict=True):
+            if st == 0:
+                raise LoweringError("Slice step 0")
+            full[a] = range(*slice(int(b), int(e), st).indices(xs[a]))
+        return [full]
+    axis = int(node.attr("axis", 0)) % r
+    split = const(1, "split")
+    if split is None and node.attr("split", None) is not None:
+        split = np.asarray(node.attr("split"), np.int64)
+    n = len(node.outputs)
+    if split is None:  # equal parts; opset 18 num_outputs: the last one may be smaller
+        size = -(-xs[axis] // n)
+        split = np.array([min(size, xs[axis] - k * size) for k in range(n)])
+    if len(split) != n or int(split.sum()) != xs[axis]:
+        raise LoweringError(f"Split sizes {split.tolist()} do not cover axis {axis} "
+                            f"({xs[axis]}) in {n} outputs")
+    out, start = [], 0
+    for size in split.tolist():
+        ranges = [range(d) for d in xs]
+        ranges[axis] = range(start, start + int(size))
+        out.append(ranges)
+        start += int(size)
+    return out
 
 
 #: Resize's coordinate_transformation_mode -> original coordinate of output index x (float32,

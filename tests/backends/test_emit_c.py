@@ -595,6 +595,57 @@ def test_linear_resize_matches_onnxruntime(coords, sizes, scale, int8, tmp_path)
     _layer_against_onnxruntime(model, x, int8, "eo_resize_linear_f32", tmp_path)
 
 
+def _slice_model(kind: str, h: int) -> ir.Model:
+    """x[1,4,h,6] -> Conv 4->6 (3x3) -> Relu -> Slice/Split -> Concat (channels) -> 1x1 Conv
+    to 2 -> y (a Focus-like or a channel-split data path)."""
+    rng = np.random.default_rng(18)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [6, 4, 3, 3],
+                            rng.standard_normal(216).astype(np.float32))
+    inits, nodes = [w1], [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+                          helper.make_node("Relu", ["c"], ["r"])]
+
+    def ints(name, values):
+        inits.append(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+        return name
+
+    if kind == "focus":  # YOLOv5's space-to-depth: every other row and column, 4 ways
+        parts = []
+        for k, (h0, w0) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+            nodes.append(helper.make_node(
+                "Slice", ["r", ints(f"s{k}", [h0, w0]), ints(f"e{k}", [2**31, 2**31]),
+                          ints(f"a{k}", [2, 3]), ints(f"t{k}", [2, 2])], [f"p{k}"]))
+            parts.append(f"p{k}")
+        channels = 24
+    elif kind == "reverse":  # negative steps, negative axes and starts, a clamped end
+        nodes.append(helper.make_node(
+            "Slice", ["r", ints("s", [-1, 4]), ints("e", [-2**31, 0]), ints("a", [-3, -1]),
+                      ints("t", [-2, -1])], ["p0"]))
+        parts, channels = ["p0"], 3
+    else:  # ShuffleNetV2's channel split, uneven: 2 + 4 channels
+        nodes.append(helper.make_node("Split", ["r", ints("split", [2, 4])], ["p0", "p1"],
+                                      axis=1))
+        nodes.append(helper.make_node("Relu", ["p1"], ["q1"]))
+        parts, channels = ["q1", "p0"], 6
+    nodes.append(helper.make_node("Concat", parts, ["cat"], axis=1))
+    inits.append(helper.make_tensor("w2", TensorProto.FLOAT, [2, channels, 1, 1],
+                                    rng.standard_normal(2 * channels).astype(np.float32)))
+    nodes.append(helper.make_node("Conv", ["cat", "w2"], ["y"]))
+    graph = helper.make_graph(nodes, "slice",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, h, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("kind", ["focus", "reverse", "split"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_slice_and_split_match_onnxruntime(kind, int8, tmp_path):
+    """Slice (steps, negative steps and axes, clamped ends) and Split in C: strided copies
+    in the storage layout, against ORT and the Python twin."""
+    h = 6 if kind == "focus" else 5  # Focus halves H and W
+    x = np.random.default_rng(19).standard_normal((3, 1, 4, h, 6)).astype(np.float32)
+    _layer_against_onnxruntime(_slice_model(kind, h), x, int8, "eo_slice", tmp_path)
+
+
 def _conv_transpose_model(k: int, stride: int, pads: int, out_pad: int, dil: int,
                           group: int) -> ir.Model:
     """x[1,4,5,6] -> Conv 4->6 (3x3) -> Relu -> ConvTranspose 6->4 -> Conv 4->2 (1x1) -> y

@@ -105,3 +105,31 @@ void eo_resize_nearest(const int32_t dims[6], const int32_t *y_idx, const int32_
         }
     }
 }
+
+void eo_slice(const int32_t in_dims[4], const int32_t starts[4], const int32_t steps[4],
+              const int32_t out_dims[4], int32_t elem_size, const void *in, void *out)
+{
+    const uint8_t *src = (const uint8_t *)in;
+    uint8_t *dst = (uint8_t *)out;
+    const size_t elem = (size_t)elem_size;
+    int32_t o0, o1, o2, o3;
+    for (o0 = 0; o0 < out_dims[0]; ++o0) {
+        const size_t i0 = (size_t)(starts[0] + o0 * steps[0]);
+        for (o1 = 0; o1 < out_dims[1]; ++o1) {
+            const size_t i1 = i0 * (size_t)in_dims[1] + (size_t)(starts[1] + o1 * steps[1]);
+            for (o2 = 0; o2 < out_dims[2]; ++o2) {
+                const size_t i2 = i1 * (size_t)in_dims[2] + (size_t)(starts[2] + o2 * steps[2]);
+                const uint8_t *row = src + i2 * (size_t)in_dims[3] * elem;
+                if (steps[3] == 1) {  /* contiguous: one copy per row */
+                    memcpy(dst, row + (size_t)starts[3] * elem, (size_t)out_dims[3] * elem);
+                    dst += (size_t)out_dims[3] * elem;
+                    continue;
+                }
+                for (o3 = 0; o3 < out_dims[3]; ++o3) {
+                    memcpy(dst, row + (size_t)(starts[3] + o3 * steps[3]) * elem, elem);
+                    dst += elem;
+                }
+            }
+        }
+    }
+}

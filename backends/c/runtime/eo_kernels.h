@@ -220,6 +220,10 @@ void eo_pad(const int32_t in_dims[4], const int32_t pads[8], int32_t elem_size, 
  * dims = {n, in_h, in_w, c, out_h, out_w}. */
 void eo_resize_nearest(const int32_t dims[6], const int32_t *y_idx, const int32_t *x_idx,
                        int32_t elem_size, const void *in, void *out);
+/* Strided slice of a 4-D storage array: out[o] = in[starts + o * steps] on every axis
+ * (steps may be negative), out_dims elements per axis; any element type (elem_size bytes). */
+void eo_slice(const int32_t in_dims[4], const int32_t starts[4], const int32_t steps[4],
+              const int32_t out_dims[4], int32_t elem_size, const void *in, void *out);
 /* Bilinear resize (ONNX mode "linear"), float, same dims and layouts as eo_resize_nearest:
  * output row y blends input rows y0[y] and y1[y] with weight fy[y] on y1 (columns likewise),
  * as w00*A + w01*B + w10*C + w11*D the way ONNX Runtime sums them. */
