@@ -76,6 +76,13 @@ def parse_input_shapes(text: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _forget_shapes(model: Model) -> None:
+    """Drop the shapes of every node output (declared ones may hold stale symbols)."""
+    for node in model.walk():
+        for out in node.outputs:
+            out.shape = None
+
+
 def _prepare(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Model:
     """A clone with static shapes (batch 1, or ``input_shapes``).
 
@@ -96,9 +103,7 @@ def _prepare(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = Non
                                 f"symbolic dimensions besides the batch ({len(free)}); C needs "
                                 "static shapes: give them with --input-shape NAME:DxDx...")
     clone = model.clone()
-    for node in clone.walk():  # declared intermediate shapes may hold stale symbols: re-infer
-        for out in node.outputs:
-            out.shape = None
+    _forget_shapes(clone)
     if shapes:
         static_shapes(clone, shapes)
     clone = bind_batch(clone, 1)
@@ -114,9 +119,16 @@ def _prepare(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = Non
         packed = any(isinstance(v.const_value, CSRTensor) for v in clone.graph.initializers
                      .values())
         # Folding BatchNormalization rewrites weights, which drops their CSR packing: pack
-        # again what is still worth it.
-        PassManager("simplify,csr" if packed else "simplify", verify="end").run(clone, Context())
-        infer_shapes(clone)  # values the passes created (a decomposed BatchNormalization)
+        # again what is still worth it. The shapes inferred after a round let the next fold
+        # the Shape nodes behind a Reshape whose target was computed (exporters' attention
+        # blocks: Shape -> Slice -> Concat -> Reshape).
+        for _ in range(4):
+            report = PassManager("simplify,csr" if packed else "simplify", verify="end").run(
+                clone, Context())
+            _forget_shapes(clone)  # an earlier round's inference may have left symbols
+            infer_shapes(clone)  # values the passes created (a decomposed BatchNormalization)
+            if not report.modified or not any(n.op_type == "Shape" for n in clone.graph):
+                break
     return clone
 
 

@@ -386,6 +386,9 @@ KERNELS.update({
     "eo_leaky_relu_f32": _flat(lambda alpha, x: np.where(x >= 0, _f32(x),
                                                          np.float32(alpha) * _f32(x))),
     "eo_prelu_f32": _flat(lambda slope, ch, x: _prelu_f32(_f32(slope)[:ch], _f32(x))),
+    "eo_sqrt_f32": _flat(lambda x: np.sqrt(_f32(x))),
+    "eo_pow_f32": _flat(lambda e, x: _f32(x) * _f32(x) if e == 2 else
+                        np.power(_f32(x), np.float32(e))),
 })
 
 
@@ -401,6 +404,26 @@ def softmax_f32(rows, n, x, out):
     v = x.reshape(rows, n).astype(np.float32)
     e = np.exp(v - v.max(axis=1, keepdims=True))
     return e * (np.float32(1) / e.sum(axis=1, keepdims=True, dtype=np.float32))
+
+
+@kernel("eo_matmul_f32")
+def matmul_f32(batch, m, k, n, a_stride, b_stride, lo, hi, a, b, out):
+    """Batched float32 MatMul of two computed tensors (stride 0 broadcasts one matrix)."""
+    av = a.reshape(-1).astype(np.float32)
+    bv = b.reshape(-1).astype(np.float32)
+    y = np.stack([av[t * a_stride:t * a_stride + m * k].reshape(m, k)
+                  @ bv[t * b_stride:t * b_stride + k * n].reshape(k, n) for t in range(batch)])
+    return np.clip(y, np.float32(lo), np.float32(hi))
+
+
+@kernel("eo_reduce_f32")
+def reduce_f32(kind, outer, n, inner, x, out):
+    """Mean / sum / max / min over the middle axis of ``[outer, n, inner]``, in float32."""
+    v = x.reshape(outer, n, inner).astype(np.float32)
+    if kind in (2, 3):
+        return v.max(axis=1) if kind == 2 else v.min(axis=1)
+    total = v.sum(axis=1, dtype=np.float32)
+    return total / np.float32(n) if kind == 0 else total
 
 
 @kernel("eo_lrn_f32")
@@ -533,10 +556,12 @@ def resize_linear_f32(dims, y0, y1, fy, x0, x1, fx, x, out):
     return wy0 * wx0 * a + wy0 * wx1 * b + wy1 * wx0 * c_ + wy1 * wx1 * d
 
 
-def lower_model(model, prefix: str = "model", sparse: bool = True) -> Program:
-    """The Program ``emit_c(model, prefix=prefix)`` writes (same preparation and rules)."""
+def lower_model(model, prefix: str = "model", sparse: bool = True,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> Program:
+    """The Program ``emit_c(model, prefix=..., input_shapes=...)`` writes (same rules)."""
     from . import _prepare
     from .lower import c_identifier, lower
     from .rules import register_all
 
-    return lower(_prepare(model), c_identifier(prefix, "m").lower(), register_all(), sparse)
+    return lower(_prepare(model, input_shapes), c_identifier(prefix, "m").lower(),
+                 register_all(), sparse)

@@ -381,6 +381,9 @@ def fully_connected(lw: Lowerer, node: Node) -> None:
     # int8 in and weights: an int8 kernel, whether or not the output is quantized
     int8_in = view is not None and wq is not None and alpha == 1.0 and beta == 1.0
     wf = wq[0] if int8_in else lw.constant(w)
+    if wf is None and node.op_type == "MatMul":
+        _matmul_activations(lw, node)
+        return
     if wf is None:
         raise LoweringError("the weight is not constant")
     m = _fc_matrix(lw, node, wf)
@@ -456,6 +459,38 @@ def _fc_int8_float_out(lw: Lowerer, node: Node, view: QView, wq, m: np.ndarray,
                [src], [out], macs))
 
 
+def _matmul_activations(lw: Lowerer, node: Node) -> None:
+    """MatMul of two computed tensors (attention's q k^T and its weights times v), float.
+
+    ``[..., M, K] x [..., K, N]``: the batch dims of each side are its own or broadcast from
+    a single matrix (stride 0).
+    """
+    a_v, b_v = node.inputs[0], node.inputs[1]
+    xs, ws, ys = lw.shape(a_v), lw.shape(b_v), lw.shape(node.outputs[0])
+    if len(xs) < 2 or len(ws) < 2:
+        raise LoweringError("MatMul of two computed tensors needs both of rank >= 2")
+    batch = math.prod(ys[:-2])
+    strides = []
+    for shape in (xs, ws):
+        own = math.prod(shape[:-2])
+        if own not in (1, batch) or (own == batch and tuple(shape[:-2]) !=
+                                     tuple(ys[len(ys) - len(shape):-2])):
+            raise LoweringError(f"MatMul batch dims {list(xs[:-2])} x {list(ws[:-2])}: only "
+                                "equal ones or a single matrix broadcast")
+        strides.append(0 if own == 1 and batch > 1 else shape[-2] * shape[-1])
+    a = lw.act(a_v)
+    b = lw.act(b_v)
+    a = lw.as_layout(a, "plain") if a.layout != "plain" else a
+    b = lw.as_layout(b, "plain") if b.layout != "plain" else b
+    out_v, lo, hi, fused = lw.float_fusion(node)
+    out = lw.new_tensor(out_v, "float", tuple(ys), "plain")
+    lw.done.update(id(n) for n in fused)
+    m, k, n = xs[-2], xs[-1], ws[-1]
+    lw.emit(Op("eo_matmul_f32", lw.label(node), "MatMul",
+               [batch, m, k, n, strides[0], strides[1], _flt(lo), _flt(hi), a, b, out],
+               [a, b], [out], batch * m * k * n))
+
+
 # -- pooling ----------------------------------------------------------------------------------
 def _pool_params(node: Node, xs, ys, k) -> dict[str, int]:
     g = conv_geometry(node, xs, ys, k)
@@ -470,7 +505,7 @@ def _pool_params(node: Node, xs, ys, k) -> dict[str, int]:
 SPATIAL_REDUCTIONS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
 
 
-def _reduced_axes(lw: Lowerer, node: Node, rank: int) -> set[int]:
+def reduced_axes(lw: Lowerer, node: Node, rank: int) -> set[int]:
     """The axes a ReduceMean/ReduceMax reduces (attribute up to opset 17, input from 18)."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         c = lw.constant(node.inputs[1])
@@ -484,7 +519,7 @@ def _reduced_axes(lw: Lowerer, node: Node, rank: int) -> set[int]:
     return {int(a) % rank for a in axes}
 
 
-@rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", *SPATIAL_REDUCTIONS)
+@rule("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 def pool(lw: Lowerer, node: Node) -> None:
     """Max / average pooling; global average pooling is a mean over H and W.
 
@@ -498,8 +533,8 @@ def pool(lw: Lowerer, node: Node) -> None:
                             SPATIAL_REDUCTIONS else f"{node.op_type} of a rank-{len(xs)} "
                             "tensor (only over the H and W of a 4-D one)")
     op = SPATIAL_REDUCTIONS.get(node.op_type, node.op_type)
-    if op != node.op_type and _reduced_axes(lw, node, 4) != {2, 3}:
-        raise LoweringError(f"{node.op_type} over axes {sorted(_reduced_axes(lw, node, 4))} "
+    if op != node.op_type and reduced_axes(lw, node, 4) != {2, 3}:
+        raise LoweringError(f"{node.op_type} over axes {sorted(reduced_axes(lw, node, 4))} "
                             "(only over H and W: axes 2 and 3)")
     out_shape, out_layout = c_shape(ys)
     if len(node.outputs) > 1 and node.outputs[1].uses():

