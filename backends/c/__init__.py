@@ -110,8 +110,9 @@ def _prepare(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = Non
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in clone.walk()):
         # QDQ: fold shape computations only (DequantizeLinear weights are never folded);
         # each round's shapes let the next fold the Shape nodes downstream.
-        for _ in range(4):
+        for _ in range(16):
             report = PassManager("fold-constants,dce", verify="end").run(clone, Context())
+            _forget_shapes(clone)
             infer_shapes(clone)
             if not report.modified:
                 break
@@ -122,7 +123,7 @@ def _prepare(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = Non
         # again what is still worth it. The shapes inferred after a round let the next fold
         # the Shape nodes behind a Reshape whose target was computed (exporters' attention
         # blocks: Shape -> Slice -> Concat -> Reshape).
-        for _ in range(4):
+        for _ in range(16):
             report = PassManager("simplify,csr" if packed else "simplify", verify="end").run(
                 clone, Context())
             _forget_shapes(clone)  # an earlier round's inference may have left symbols

