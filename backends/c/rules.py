@@ -506,7 +506,7 @@ SPATIAL_REDUCTIONS = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMax
 
 
 def reduced_axes(lw: Lowerer, node: Node, rank: int) -> set[int]:
-    """The axes a ReduceMean/ReduceMax reduces (attribute up to opset 17, input from 18)."""
+    """The axes a Reduce* node reduces (an attribute, or an input from opset 13/18 on)."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         c = lw.constant(node.inputs[1])
         if c is None:
@@ -529,13 +529,8 @@ def pool(lw: Lowerer, node: Node) -> None:
     x = node.inputs[0]
     xs, ys = lw.shape(x), lw.shape(node.outputs[0])
     if len(xs) != 4:
-        raise LoweringError("only 2-D pooling is supported" if node.op_type not in
-                            SPATIAL_REDUCTIONS else f"{node.op_type} of a rank-{len(xs)} "
-                            "tensor (only over the H and W of a 4-D one)")
-    op = SPATIAL_REDUCTIONS.get(node.op_type, node.op_type)
-    if op != node.op_type and reduced_axes(lw, node, 4) != {2, 3}:
-        raise LoweringError(f"{node.op_type} over axes {sorted(reduced_axes(lw, node, 4))} "
-                            "(only over H and W: axes 2 and 3)")
+        raise LoweringError("only 2-D pooling is supported")
+    op = SPATIAL_REDUCTIONS.get(node.op_type, node.op_type)  # over H and W: the caller checks
     out_shape, out_layout = c_shape(ys)
     if len(node.outputs) > 1 and node.outputs[1].uses():
         raise LoweringError("MaxPool indices are not supported")
