@@ -706,17 +706,25 @@ def resize(lw: Lowerer, node: Node) -> None:
                        nearest_indices(xs[i], ys[i], float(scales[i]), coords, rounding))
               for axis, i in (("_rows", 2), ("_cols", 3))]
     src, vw = _source(lw, node.inputs[0])
-    if src.layout == "flat_hwc":
-        src = lw.as_layout(src, "plain")
-    if src.layout == "nhwc":
-        dims, shape = [xs[0], xs[2], xs[3], xs[1], ys[2], ys[3]], c_shape(ys)[0]
-    else:  # NCHW as [n * c] images of one channel
-        dims, shape = [xs[0] * xs[1], xs[2], xs[3], 1, ys[2], ys[3]], ys
+    src, dims, shape = _images(lw, src, xs, ys)
     out = lw.new_tensor(None, src.ctype, shape, src.layout, None, src.scale, src.zero_point,
                         base=node.outputs[0].name)
     lw.emit(Op("eo_resize_nearest", lw.label(node), node.op_type,
                [lw.dims_const(dims), *tables, src.nbytes // src.size, src, out], [src], [out]))
     _bind_result(lw, node, out, vw)
+
+
+def _images(lw: Lowerer, src: TensorRef, xs, ys) -> tuple[TensorRef, list[int], tuple]:
+    """``(source, dims, output storage shape)`` of a resize of the H and W of ``src``.
+
+    ``dims`` = n, in_h, in_w, c, out_h, out_w as the resize kernels take them: NHWC, or NCHW
+    as ``[n * c]`` images of one channel.
+    """
+    if src.layout == "flat_hwc":
+        src = lw.as_layout(src, "plain")
+    if src.layout == "nhwc":
+        return src, [xs[0], xs[2], xs[3], xs[1], ys[2], ys[3]], c_shape(ys)[0]
+    return src, [xs[0] * xs[1], xs[2], xs[3], 1, ys[2], ys[3]], tuple(ys)
 
 
 def _resize_linear(lw: Lowerer, node: Node, xs, ys, scales: np.ndarray, coords: str) -> None:
@@ -727,13 +735,7 @@ def _resize_linear(lw: Lowerer, node: Node, xs, ys, scales: np.ndarray, coords: 
         tables += [lw.const(base + axis + "0", "int32_t", i0),
                    lw.const(base + axis + "1", "int32_t", i1),
                    lw.const(base + axis + "_f", "float", f)]
-    src = lw.act(node.inputs[0])
-    if src.layout == "flat_hwc":
-        src = lw.as_layout(src, "plain")
-    if src.layout == "nhwc":
-        dims, shape = [xs[0], xs[2], xs[3], xs[1], ys[2], ys[3]], c_shape(ys)[0]
-    else:  # NCHW as [n * c] images of one channel
-        dims, shape = [xs[0] * xs[1], xs[2], xs[3], 1, ys[2], ys[3]], ys
+    src, dims, shape = _images(lw, lw.act(node.inputs[0]), xs, ys)
     out = lw.new_tensor(node.outputs[0], "float", shape, src.layout)
     lw.emit(Op("eo_resize_linear_f32", base, node.op_type,
                [lw.dims_const(dims), *tables, src, out], [src], [out],

@@ -553,30 +553,39 @@ def test_nearest_resize_matches_onnxruntime(coords, rounding, sizes, int8, tmp_p
 
 
 def _layer_against_onnxruntime(model: ir.Model, x: np.ndarray, int8: bool, kernel: str,
-                               tmp_path) -> None:
+                               tmp_path, int8_tol: float = 0.03,
+                               input_shapes: dict | None = None) -> list[str]:
     """Emit ``model`` (quantized on ``x`` if ``int8``), check it runs ``kernel``, and compare
-    the C outputs with ORT's (float: to rounding; int8: 3% of the span), and a float program
-    with the interpreter's twin kernels. ``x``: ``[samples, 1, C, H, W]``, 2 output channels.
+    the C outputs with ORT's (float: to rounding; int8: ``int8_tol`` of the span), and a
+    float program with the interpreter's twin kernels. ``x``: ``[samples, 1, C, H, W]``; a
+    4-D output comes from C in NHWC. Returns the kernels of the program's layers.
     """
     if int8:
         calib = CalibrationData.for_model({"x": x[:, 0]}, model)
         PassManager("quant:int8,bias_correction=false", verify="end").run(
             model, Context(calib=calib))
     out = tmp_path / "c"
-    result = emit_c(model, str(out), prefix="net")
-    assert kernel in {layer["kernel"] for layer in result.report["layers"]}
+    result = emit_c(model, str(out), prefix="net", input_shapes=input_shapes)
+    kernels = [layer["kernel"] for layer in result.report["layers"]]
+    assert kernel in kernels
     exe = compile_c(out)
     want = np.stack([ort(model, xi) for xi in x])
-    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
-    got = got.reshape(len(x), 1, want.shape[3], want.shape[4], 2).transpose(0, 1, 4, 2, 3)
+    raw = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
+    if want.ndim == 5:  # [samples, N, C, H, W] from NHWC
+        n, c, h, w = want.shape[1:]
+        got = raw.reshape(len(x), n, h, w, c).transpose(0, 1, 4, 2, 3)
+    else:
+        got = raw.reshape(want.shape)
     span = float(want.max() - want.min())
-    assert np.abs(got - want).max() <= (0.03 if int8 else 1e-5) * span
+    assert np.abs(got - want).max() <= (int8_tol if int8 else 1e-5) * span
     if not int8:  # the Python twin of the kernels runs the same program
         from edgeopt.backends.c.interpret import lower_model, run
 
-        twin = run(lower_model(model, "net"), [x[0].transpose(0, 2, 3, 1)])[0]
-        np.testing.assert_allclose(twin.ravel(), got[0].transpose(0, 2, 3, 1).ravel(),
+        twin = run(lower_model(model, "net", input_shapes=input_shapes),
+                   [x[0].transpose(0, 2, 3, 1)])[0]
+        np.testing.assert_allclose(twin.ravel(), raw[0].ravel(),
                                    rtol=0, atol=1e-5 * span)  # float sums: order differs
+    return kernels
 
 
 @pytest.mark.parametrize(("coords", "sizes", "scale"), [
@@ -754,26 +763,9 @@ def test_spatial_reductions_are_global_pooling(op, kernel, keepdims, axes_input,
     lower to the global pooling kernels; keepdims=0 reads the same bytes as [N, C]. In int8
     a ReduceMax whose QDQ output scale differs from its input's is a max, then a requantize
     (the max commutes with it)."""
-    model = _reduce_model(op, keepdims, axes_input)
     x = np.random.default_rng(17).standard_normal((3, 1, 4, 5, 6)).astype(np.float32)
-    if int8:
-        calib = CalibrationData.for_model({"x": x[:, 0]}, model)
-        PassManager("quant:int8,bias_correction=false", verify="end").run(
-            model, Context(calib=calib))
-    out = tmp_path / "c"
-    result = emit_c(model, str(out), prefix="net")
-    assert kernel + ("_s8" if int8 else "_f32") in {layer["kernel"]
-                                                     for layer in result.report["layers"]}
-    exe = compile_c(out)
-    want = np.stack([ort(model, xi) for xi in x]).reshape(3, 2)
-    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x]).reshape(3, 2)
-    span = float(want.max() - want.min())
-    np.testing.assert_allclose(got, want, rtol=0, atol=(0.01 if int8 else 1e-5) * span)
-    if not int8:  # the Python twin of the kernels runs the same program
-        from edgeopt.backends.c.interpret import lower_model, run
-
-        twin = run(lower_model(model, "net"), [x[0].transpose(0, 2, 3, 1)])[0]
-        np.testing.assert_allclose(twin.ravel(), got[0], rtol=0, atol=1e-5 * span)
+    _layer_against_onnxruntime(_reduce_model(op, keepdims, axes_input), x, int8,
+                               kernel + ("_s8" if int8 else "_f32"), tmp_path, int8_tol=0.01)
 
 
 def test_a_reduction_over_axes_apart_is_refused_by_name(tmp_path):
@@ -832,29 +824,11 @@ def _layer_norm_model(reduce_op: str) -> ir.Model:
 def test_layer_norm_written_out_and_reductions_match_onnxruntime(reduce_op, int8, tmp_path):
     """The LayerNorm that exporters write out op by op (transformer and SVTR necks: means
     over the last axis, Pow 2, Sqrt) and reductions over the token axis run in C."""
-    model = _layer_norm_model(reduce_op)
     x = np.random.default_rng(21).standard_normal((3, 1, 4, 5, 6)).astype(np.float32)
-    if int8:
-        calib = CalibrationData.for_model({"x": x[:, 0]}, model)
-        PassManager("quant:int8,bias_correction=false", verify="end").run(
-            model, Context(calib=calib))
-    out = tmp_path / "c"
-    result = emit_c(model, str(out), prefix="net")
-    kernels = {layer["kernel"] for layer in result.report["layers"]}
-    assert "eo_reduce_f32" in kernels
+    kernels = _layer_against_onnxruntime(_layer_norm_model(reduce_op), x, int8,
+                                         "eo_reduce_f32", tmp_path)
     if not int8:
-        assert {"eo_sqrt_f32", "eo_pow_f32"} <= kernels
-    exe = compile_c(out)
-    want = np.stack([ort(model, xi) for xi in x])
-    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
-    got = got.reshape(want.shape)
-    span = float(want.max() - want.min())
-    np.testing.assert_allclose(got, want, rtol=0, atol=(0.03 if int8 else 1e-5) * span)
-    if not int8:  # the Python twin of the kernels runs the same program
-        from edgeopt.backends.c.interpret import lower_model, run
-
-        twin = run(lower_model(model, "net"), [x[0].transpose(0, 2, 3, 1)])[0]
-        np.testing.assert_allclose(twin.ravel(), got[0].ravel(), rtol=0, atol=1e-5 * span)
+        assert {"eo_sqrt_f32", "eo_pow_f32"} <= set(kernels)
 
 
 def test_lrn_of_even_size_follows_the_onnx_window(tmp_path):
@@ -939,22 +913,10 @@ def test_attention_block_matches_onnxruntime(tmp_path):
     """Self-attention as exporters write it runs in C: Reshape targets from Shape chains fold
     once the input shape is given, the 5-D q/k/v Transpose and Slice drop their unit axes,
     MatMuls of two activations (one broadcasting a single matrix over the heads)."""
-    model = _attention_model()
-    shape = {"x": (1, 4, 4, 6)}
-    out = tmp_path / "c"
-    result = emit_c(model, str(out), prefix="net", input_shapes=shape)
-    kernels = [layer["kernel"] for layer in result.report["layers"]]
-    assert kernels.count("eo_matmul_f32") == 3 and "eo_slice" in kernels
-    exe = compile_c(out)
     x = np.random.default_rng(23).standard_normal((3, 1, 4, 4, 6)).astype(np.float32)
-    want = np.stack([ort(model, xi) for xi in x])
-    got = np.stack([run_c(exe, tmp_path, xi.transpose(0, 2, 3, 1)) for xi in x])
-    span = float(want.max() - want.min())
-    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=0, atol=1e-5 * span)
-    from edgeopt.backends.c.interpret import lower_model, run  # the Python twin
-
-    twin = run(lower_model(model, "net", input_shapes=shape), [x[0].transpose(0, 2, 3, 1)])[0]
-    np.testing.assert_allclose(twin.ravel(), got[0].ravel(), rtol=0, atol=1e-5 * span)
+    kernels = _layer_against_onnxruntime(_attention_model(), x, False, "eo_slice", tmp_path,
+                                         input_shapes={"x": (1, 4, 4, 6)})
+    assert kernels.count("eo_matmul_f32") == 3
 
 
 @pytest.mark.slow

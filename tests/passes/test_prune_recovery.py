@@ -175,12 +175,14 @@ def test_steps_must_be_positive():
         run(model, "prune:0.5,steps=0")
 
 
-def test_steps_need_the_lsq_refit():
+@pytest.mark.parametrize("option", ["steps=2", "sequential=true"])
+def test_rounds_need_the_lsq_refit(option):
     model = ir.from_proto(BUILDERS["cnn"]())
-    with pytest.raises(PassError, match=r"^pass 'prune' failed \(first pass\): steps=2 refits "
+    what = "sequential" if option.startswith("sequential") else option
+    with pytest.raises(PassError, match=rf"^pass 'prune' failed \(first pass\): {what} refits "
                                         r"between rounds: it needs recover=lsq \(and --calib\), "
                                         r"not recover=off$"):
-        run(model, "prune:0.5,steps=2")
+        run(model, f"prune:0.5,{option}")
 
 
 def test_sequential_reaches_the_same_channel_counts_as_one_shot():
@@ -264,14 +266,6 @@ def test_sequential_and_steps_are_two_schedules():
     with pytest.raises(OptionError, match=r"^pass 'prune': sequential prunes one group per "
                                           r"round; it cannot be combined with steps=3$"):
         run(model, "prune:0.5,sequential=true,steps=3")
-
-
-def test_sequential_needs_the_lsq_refit():
-    model = ir.from_proto(BUILDERS["cnn"]())
-    with pytest.raises(PassError, match=r"^pass 'prune' failed \(first pass\): sequential "
-                                        r"refits between rounds: it needs recover=lsq "
-                                        r"\(and --calib\), not recover=off$"):
-        run(model, "prune:0.5,sequential=true")
 
 
 def test_layers_downstream_of_a_pruned_group_are_refit_too():
